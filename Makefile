@@ -1,0 +1,45 @@
+# Two commands matter: `make demo` and `make test`. Both do every set-up step themselves.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NPM_STAMP := node_modules/.installed
+export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
+
+.PHONY: setup venv npm model test pytest contracts-test contracts-build demo clean
+
+setup: $(STAMP) $(NPM_STAMP)
+
+# torch==2.13.0 first: it is a local CPU wheel here; installing it before the project keeps
+# pip from resolving `torch` to a CUDA build of several GB.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+$(NPM_STAMP): package.json package-lock.json
+	npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+model: setup
+	$(BIN)/openlora model pull smollm2-135m-instruct
+
+contracts-build: $(NPM_STAMP)
+	@if [ -d contracts/src ] && ls contracts/src/*.sol >/dev/null 2>&1; then $(MAKE) -C contracts build; fi
+
+contracts-test: $(NPM_STAMP)
+	@if ls contracts/src/*.sol >/dev/null 2>&1; then $(MAKE) -C contracts test; else echo "no contracts yet"; fi
+
+pytest: setup model
+	$(BIN)/python -m pytest -q
+
+test: setup model contracts-test pytest
+
+demo: setup model
+	$(BIN)/python -m node.demo
+
+clean:
+	rm -rf $(VENV) node_modules contracts/out contracts/cache

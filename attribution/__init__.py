@@ -1,0 +1,1 @@
+"""The ledger: usage and influence logs, Proof of Attribution, receipts, settlement batches, rewards."""

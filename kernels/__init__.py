@@ -1,0 +1,1 @@
+"""Triton kernels and their plain-PyTorch references; `kernels.dispatch` picks one per device."""

@@ -1,0 +1,1 @@
+"""The product shell: API, payments, chain client, registry sync, settlement scheduling, CLI."""

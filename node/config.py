@@ -1,0 +1,117 @@
+"""One settings object for the node, read once at the edge and passed down.
+
+Sources, highest priority first: explicit keyword arguments (CLI flags), `OPENLORA_*` environment
+variables, a TOML file (`--config FILE`, else `OPENLORA_CONFIG`, else `<config dir>/config.toml` when it
+exists), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from node.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _default_cache_dir() -> Path:
+    return Path(platformdirs.user_cache_dir("openlora"))
+
+
+def _default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("openlora"))
+
+
+def default_config_file() -> Path:
+    return Path(platformdirs.user_config_dir("openlora")) / "config.toml"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPENLORA_", extra="forbid")
+
+    # where things live
+    cache_dir: Path = Field(default_factory=_default_cache_dir, description="downloaded and imported models")
+    data_dir: Path = Field(default_factory=_default_data_dir, description="ledger, keys, adapter store, chain state")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/ledger.db")
+
+    # engine
+    model: str = Field(default=DEFAULT_MODEL, description="model name in the cache, or a HF-format directory")
+    device: str = Field(default="auto", description="auto | cpu | cuda")
+    adapter_dir: Path | None = Field(default=None, description="adapter store (default <data_dir>/adapters)")
+
+    # chain
+    rpc_url: str = Field(default="http://127.0.0.1:8545")
+    deployment_file: Path | None = Field(default=None, description="default <data_dir>/deployment.json")
+
+    # server
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.cache_dir / "models"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'ledger.db'}"
+
+    @property
+    def resolved_adapter_dir(self) -> Path:
+        return self.adapter_dir or self.data_dir / "adapters"
+
+    @property
+    def resolved_deployment_file(self) -> Path:
+        return self.deployment_file or self.data_dir / "deployment.json"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _TomlSource(settings_cls)
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Reads the TOML file chosen by `load_settings` (passed through a class attribute)."""
+
+    path: Path | None = None
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused by __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _TomlSource.path
+        if path is None or not path.exists():
+            return {}
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        # accept either top-level keys or an [openlora] table
+        return dict(data.get("openlora", data))
+
+
+def load_settings(config_file: str | os.PathLike | None = None, **overrides: Any) -> Settings:
+    """Build the settings; raises ConfigError with a readable message on bad values."""
+    path = Path(config_file) if config_file else None
+    if path is None and os.environ.get("OPENLORA_CONFIG"):
+        path = Path(os.environ["OPENLORA_CONFIG"])
+    if path is not None and not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    _TomlSource.path = path or default_config_file()
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid configuration: {problems}") from None
