@@ -5,6 +5,7 @@
     ├── AdapterError          an adapter that is refused (format, shape, size, base mismatch)
     │   └── AdapterNotFound   no adapter of that name in the store
     ├── RequestError          a request the engine refuses (bad sampling params, too long, ...)
+    ├── EngineConfigError     engine settings that cannot work (bad dtype, sizes < 1, ...)
     └── CapacityError         not enough KV blocks or adapter slots to ever admit the request
 """
 
@@ -27,6 +28,10 @@ class AdapterNotFound(AdapterError):
 
 class RequestError(EngineError):
     """A request's parameters are invalid."""
+
+
+class EngineConfigError(EngineError):
+    """The engine's own configuration is invalid."""
 
 
 class CapacityError(EngineError):
