@@ -15,7 +15,7 @@ from engine.errors import EngineError
 from node.errors import NodeError
 
 # Order is the order of `openlora --help`.
-COMMAND_MODULES = ("model",)
+COMMAND_MODULES = ("model", "db", "receipt")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
