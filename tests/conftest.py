@@ -6,12 +6,17 @@ a small random network behind them.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter. The variable must be set before anything
+# (transformers, our kernels) imports triton, hence here, at the top of the root conftest.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from node import models
 from node.config import DEFAULT_MODEL, load_settings

@@ -1,0 +1,101 @@
+"""LoRA shrink+expand kernels alone: time vs the bytes floor, decode and prefill shapes, launch variants.
+
+Llama-3-8B layer shapes (fused q/k/v 4096 -> 4096/1024/1024, gate/up 4096 -> 2 x 14336, down 14336 -> 4096),
+rank 16 (and mixed ranks 1/7/16/64), tokens spread over n distinct adapters. Floor = (x read + distinct adapter bytes + y read and written) / copy bandwidth.
+
+    python benchmarks/kernels_lora.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import lora  # noqa: E402
+from kernels.lora import lora_expand_triton, lora_shrink_triton, make_lora_meta  # noqa: E402
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    return 2 * nbytes / (ms / 1e3)
+
+
+SHAPES = {"qkv": (4096, [4096, 1024, 1024]), "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
+CASES = [(32, 1, 16), (32, 32, 16), (256, 1, 16), (256, 32, 16), (256, 256, 16), (256, 256, "mixed"),
+         (4096, 4, 16), (4096, 0, 16)]
+VARIANTS = {  # lora.TUNING settings swept (the first is the current default)
+    "default": {},
+    "p16k": dict(shrink_programs=16384, expand_programs=16384),
+    "p32k_bn64": dict(shrink_programs=32768, expand_programs=32768, block_n=64),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default="kernels_lora.json")
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    slots_n = 256
+    base_tuning = dict(lora.TUNING)
+    rows = []
+    for shape in args.shapes:
+        hidden, outs = SHAPES[shape]
+        for T, n_ad, rank_kind in CASES:
+            if shape != "qkv" and (rank_kind == "mixed" or T == 4096):
+                continue
+            max_rank = 64 if rank_kind == "mixed" else 16
+            ranks = (torch.tensor([1, 7, 16, 64] * (slots_n // 4)) if rank_kind == "mixed"
+                     else torch.full((slots_n,), 16)).int().cuda()
+            a = [torch.randn(slots_n, max_rank, hidden, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in outs]
+            b = [torch.randn(slots_n, o, max_rank, device="cuda", dtype=torch.bfloat16) * 0.02 for o in outs]
+            scale = torch.ones(slots_n, device="cuda")
+            x = torch.randn(T, hidden, device="cuda", dtype=torch.bfloat16)
+            y = torch.randn(T, sum(outs), device="cuda", dtype=torch.bfloat16)
+            slots = ((torch.arange(T, device="cuda") % n_ad).int() if n_ad
+                     else torch.full((T,), -1, device="cuda").int())
+            meta = make_lora_meta(slots, num_slots=slots_n)
+            used = sorted(set(slots.tolist()) - {-1})
+            r_used = ranks[used].float().sum().item() if used else 0.0
+            ad_bytes = r_used * (hidden * len(outs) + sum(outs)) * 2
+            floor_bytes = x.numel() * 2 + ad_bytes + 2 * y.numel() * 2
+            row = dict(shape=shape, T=T, adapters=n_ad, rank=str(rank_kind), floor_us=floor_bytes / bw * 1e6)
+            for vname, tune in VARIANTS.items():
+                lora.TUNING.clear()
+                lora.TUNING.update(base_tuning, **tune)
+
+                def run():
+                    h = lora_shrink_triton(x, a, ranks, meta)
+                    lora_expand_triton(y, h, b, ranks, scale, meta)
+
+                # graph replay removes launch gaps, as in the engine's decode graphs
+                run()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    run()
+                ms = triton.testing.do_bench(g.replay, warmup=10, rep=60, return_mode="median")
+                row[vname] = ms * 1e3
+            rows.append(row)
+            del a, b
+    lora.TUNING.clear()
+    lora.TUNING.update(base_tuning)
+    res = dict(device=torch.cuda.get_device_name(), copy_bw_tb_s=bw / 1e12, variants=VARIANTS, rows=rows)
+    Path(args.json).write_text(json.dumps(res, indent=1))
+    print(f"LoRA shrink+expand us (graph replay), copy bw {bw / 1e12:.2f} TB/s; variants {VARIANTS}")
+    print(f"{'shape':>7} {'T':>5} {'adapt':>5} {'rank':>5} {'floor':>7} " + " ".join(f"{v:>10}" for v in VARIANTS))
+    for r in rows:
+        print(f"{r['shape']:>7} {r['T']:>5} {r['adapters']:>5} {r['rank']:>5} {r['floor_us']:>7.1f} "
+              + " ".join(f"{r[v]:>10.1f}" for v in VARIANTS))
+
+
+if __name__ == "__main__":
+    main()

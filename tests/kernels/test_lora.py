@@ -1,0 +1,309 @@
+"""LoRA shrink/expand: the reference and the Triton kernels against a per-token loop.
+
+On CPU the Triton kernels run through the interpreter (see conftest.py), so sizes stay small; on a GPU the
+same tests compile the kernels and compare against a float64 loop.
+"""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from kernels import dispatch
+from kernels.lora import (
+    lora_expand_ref,
+    lora_expand_triton,
+    lora_shrink_ref,
+    lora_shrink_triton,
+    make_lora_meta,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_pool(num_slots, max_rank, in_f, outs, ranks, dtype, seed=0):
+    """Random (never zero) adapters, zero-padded past each slot's true rank as the slot pool stores them."""
+    g = torch.Generator().manual_seed(seed)
+    rank = torch.tensor(ranks, dtype=torch.int32)
+    a_list, b_list = [], []
+    for out_f in outs:
+        a = torch.randn(num_slots, max_rank, in_f, generator=g) / in_f**0.5
+        b = torch.randn(num_slots, out_f, max_rank, generator=g) / max_rank**0.5
+        for s, r in enumerate(ranks):
+            a[s, r:] = 0
+            b[s, :, r:] = 0
+        a_list.append(a.to(dtype))
+        b_list.append(b.to(dtype))
+    scale = torch.rand(num_slots, generator=g) + 0.5
+    return a_list, b_list, rank, scale
+
+
+def loop_lora(x, y, a_list, b_list, rank, scale, slots):
+    """The obvious per-token loop in float64: h = A x, y += scale * B h, slot -1 untouched."""
+    T = x.shape[0]
+    max_rank = a_list[0].shape[1]
+    h = torch.zeros(len(a_list), T, max_rank, dtype=torch.float64)
+    y = y.double().clone()
+    for t in range(T):
+        s = int(slots[t])
+        if s < 0:
+            continue
+        r = int(rank[s])
+        col = 0
+        for i, (a, b) in enumerate(zip(a_list, b_list)):
+            ht = a[s, :r].double() @ x[t].double()
+            h[i, t, :r] = ht
+            y[t, col : col + b.shape[1]] += float(scale[s]) * (b[s, :, :r].double() @ ht)
+            col += b.shape[1]
+    return h, y
+
+
+IMPLS = {
+    "ref": (lora_shrink_ref, lora_expand_ref),
+    "triton": (lora_shrink_triton, lora_expand_triton),
+}
+
+# (T, in, outs, ranks per slot, slot pattern)
+CASES = [
+    pytest.param(1, 576, [64], [7, 1, 64], "one", id="T1-decode"),
+    pytest.param(3, 576, [48, 16, 16], [1, 7, 64], "mixed", id="T3-qkv-ranks-1-7-64"),
+    pytest.param(129, 96, [40, 24], [7, 0, 16, 64], "mixed", id="T129-gateup-empty-slot"),
+    pytest.param(17, 64, [32, 8, 8], [16, 16, 16, 16], "none", id="all-minus-one"),
+    pytest.param(33, 40, [24], [64, 1, 7, 3, 16], "distinct", id="one-token-per-slot"),
+]
+
+
+def slot_pattern(kind, T, num_slots, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "none":
+        return torch.full((T,), -1, dtype=torch.int32)
+    if kind == "one":
+        return torch.zeros(T, dtype=torch.int32)
+    if kind == "distinct":
+        return (torch.arange(T, dtype=torch.int32) % (num_slots + 1)) - 1
+    # random mix including -1; slot 1 is never used when there are >= 4 slots (an empty segment)
+    s = torch.randint(-1, num_slots, (T,), generator=g, dtype=torch.int32)
+    if num_slots >= 4:
+        s[s == 1] = 3
+    return s
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("T,in_f,outs,ranks,kind", CASES)
+def test_shrink_expand_match_per_token_loop(impl, T, in_f, outs, ranks, kind):
+    dtype = torch.float32  # float64 loop as the reference; bf16 is checked on the GPU below
+    shrink, expand = IMPLS[impl]
+    num_slots = len(ranks)
+    a_list, b_list, rank, scale = make_pool(num_slots, max(ranks), in_f, outs, ranks, dtype)
+    slots = slot_pattern(kind, T, num_slots)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(T, in_f, generator=g).to(dtype)
+    y0 = torch.randn(T, sum(outs), generator=g).to(dtype)
+    h_want, y_want = loop_lora(x, y0, a_list, b_list, rank, scale, slots)
+
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    meta = make_lora_meta(dev(slots))
+    h = shrink(dev(x), [dev(a) for a in a_list], dev(rank), meta)
+    assert h.shape == (len(outs), T, max(ranks))
+    # only tokens with an adapter carry h (the expand ignores the others)
+    has = slots >= 0
+    torch.testing.assert_close(h.cpu().double()[:, has], h_want[:, has], rtol=1e-4, atol=1e-4)
+    y = dev(y0.clone())
+    expand(y, h, [dev(b) for b in b_list], dev(rank), dev(scale), meta)
+    torch.testing.assert_close(y.cpu().double(), y_want, rtol=1e-4, atol=1e-4)
+    # tokens without an adapter are untouched, bit for bit
+    assert torch.equal(y.cpu()[~has], y0[~has])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 kernels are checked on the GPU run")
+def test_triton_bf16_close_to_float64_loop():
+    ranks = [16, 7, 64, 1]
+    a_list, b_list, rank, scale = make_pool(4, 64, 576, [576, 192, 192], ranks, torch.bfloat16)
+    slots = slot_pattern("mixed", 257, 4)
+    x = torch.randn(257, 576).to(torch.bfloat16)
+    y0 = torch.randn(257, 960).to(torch.bfloat16)
+    _, y_want = loop_lora(x, y0, a_list, b_list, rank, scale, slots)
+    meta = make_lora_meta(slots.cuda())
+    h = lora_shrink_triton(x.cuda(), [a.cuda() for a in a_list], rank.cuda(), meta)
+    y = y0.cuda()
+    lora_expand_triton(y, h, [b.cuda() for b in b_list], rank.cuda(), scale.cuda(), meta)
+    torch.testing.assert_close(y.cpu().double(), y_want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("T,block_m", [(0, 16), (1, 16), (5, 16), (70, 16), (200, 64)])
+def test_meta_tiles_cover_each_adapter_token_once(T, block_m):
+    g = torch.Generator().manual_seed(T)
+    slots = torch.randint(-1, 6, (T,), generator=g, dtype=torch.int32)
+    meta = make_lora_meta(slots, block_m=block_m)
+    seen = torch.zeros(T, dtype=torch.int64)
+    for start, end, s in zip(meta.tile_start.tolist(), meta.tile_end.tolist(), meta.tile_slot.tolist()):
+        if s < 0:
+            assert start == end == 0
+            continue
+        assert 0 < end - start <= block_m
+        toks = meta.sorted_token_ids[start:end].long()
+        assert (slots[toks] == s).all()
+        seen[toks] += 1
+    assert torch.equal(seen, (slots >= 0).long())
+    # shapes depend on T only (CUDA-graph friendly)
+    assert meta.max_tiles <= max(T, 0)
+
+
+def test_meta_for_all_minus_one_has_no_live_tiles():
+    meta = make_lora_meta(torch.full((9,), -1, dtype=torch.int32))
+    assert (meta.tile_slot == -1).all()
+
+
+def test_bad_inputs_raise_value_error():
+    a_list, b_list, rank, scale = make_pool(2, 4, 8, [6], [4, 2], torch.float32)
+    meta = make_lora_meta(torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="tokens"):
+        lora_shrink_ref(torch.randn(4, 8), a_list, rank, meta)
+    with pytest.raises(ValueError, match="lora_a"):
+        lora_shrink_ref(torch.randn(3, 9), a_list, rank, meta)
+    with pytest.raises(ValueError, match="dtype|float"):
+        lora_shrink_ref(torch.randn(3, 8, dtype=torch.float64), a_list, rank, meta)
+    h = torch.randn(1, 3, 4)
+    with pytest.raises(ValueError, match="columns"):
+        lora_expand_ref(torch.randn(3, 7), h, b_list, rank, scale, meta)
+    with pytest.raises(ValueError, match="h must be"):
+        lora_expand_ref(torch.randn(3, 6), torch.randn(2, 3, 4), b_list, rank, scale, meta)
+    with pytest.raises(ValueError, match="1-D"):
+        make_lora_meta(torch.zeros(2, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="int32"):
+        make_lora_meta(torch.zeros(2))
+
+
+def test_dispatch_picks_reference_on_cpu_and_honours_env(monkeypatch):
+    x = torch.randn(2, 3)
+    monkeypatch.setenv("OPENLORA_KERNELS", "auto")
+    assert dispatch.use_triton(x) is False
+    monkeypatch.setenv("OPENLORA_KERNELS", "torch")
+    assert dispatch.use_triton(x) is False
+    monkeypatch.setenv("OPENLORA_KERNELS", "triton")
+    assert dispatch.use_triton(x) is True
+    monkeypatch.setenv("OPENLORA_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="OPENLORA_KERNELS"):
+        dispatch.use_triton(x)
+    if torch.cuda.is_available():
+        monkeypatch.setenv("OPENLORA_KERNELS", "auto")
+        assert dispatch.use_triton(x.cuda()) is True
+        monkeypatch.setenv("OPENLORA_KERNELS", "torch")
+        assert dispatch.use_triton(x.cuda()) is False
+
+
+def test_dispatch_lora_matches_reference_end_to_end():
+    a_list, b_list, rank, scale = make_pool(3, 8, 16, [12, 4], [8, 3, 5], torch.float32)
+    slots = torch.tensor([2, -1, 0, 2, 1], dtype=torch.int32)
+    x = torch.randn(5, 16)
+    y0 = torch.randn(5, 16)
+    meta = dispatch.make_lora_meta(slots.to(DEVICE))
+    h = dispatch.lora_shrink(x.to(DEVICE), [a.to(DEVICE) for a in a_list], rank.to(DEVICE), meta)
+    y = y0.clone().to(DEVICE)
+    dispatch.lora_expand(y, h, [b.to(DEVICE) for b in b_list], rank.to(DEVICE), scale.to(DEVICE), meta)
+    _, y_want = loop_lora(x, y0, a_list, b_list, rank, scale, slots)
+    torch.testing.assert_close(y.cpu().double(), y_want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("split_k,block_r", [(3, 16), (1, 32)])
+def test_triton_split_k_and_rank_blocks_match_loop(split_k, block_r):
+    ranks = [40, 1, 17]
+    a_list, b_list, rank, scale = make_pool(3, 40, 200, [24, 8], ranks, torch.float32, seed=5)
+    slots = torch.tensor([0, 2, -1, 0, 1, 2, 2], dtype=torch.int32)
+    x = torch.randn(7, 200)
+    y0 = torch.randn(7, 32)
+    h_want, y_want = loop_lora(x, y0, a_list, b_list, rank, scale, slots)
+    meta = make_lora_meta(slots.to(DEVICE))
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    h = lora_shrink_triton(dev(x), [dev(a) for a in a_list], dev(rank), meta,
+                           split_k=split_k, block_r=block_r, block_k=32)
+    has = slots >= 0
+    torch.testing.assert_close(h.cpu().double()[:, has], h_want[:, has], rtol=1e-4, atol=1e-4)
+    y = dev(y0.clone())
+    lora_expand_triton(y, h, [dev(b) for b in b_list], dev(rank), dev(scale), meta, block_r=block_r, block_n=16)
+    torch.testing.assert_close(y.cpu().double(), y_want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU (checked on the GPU run)")
+def test_captured_graph_stays_valid_for_any_adapter_mix():
+    """Capture shrink+expand once, then replay with other slots (incl. -1) and other ranks."""
+    ranks = [16, 7, 64, 1, 3]
+    a_list, b_list, rank, scale = make_pool(5, 64, 256, [128, 64], ranks, torch.bfloat16, seed=9)
+    a_list, b_list = [a.cuda() for a in a_list], [b.cuda() for b in b_list]
+    rank, scale = rank.cuda(), scale.cuda()
+    T = 24
+    x = torch.randn(T, 256, device="cuda").bfloat16()
+    y0 = torch.randn(T, 192, device="cuda").bfloat16()
+    y = y0.clone()
+    meta = make_lora_meta(torch.zeros(T, dtype=torch.int32, device="cuda"), num_slots=5)
+
+    def step():
+        y.copy_(y0)
+        h = lora_shrink_triton(x, a_list, rank, meta)
+        lora_expand_triton(y, h, b_list, rank, scale, meta)
+
+    step()  # warm-up: compiles and caches the launch tables
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        slots = torch.randint(-1, 5, (T,), generator=gen, dtype=torch.int32)
+        rank.copy_(torch.randint(1, 65, (5,), generator=gen, dtype=torch.int32))
+        meta.copy_(make_lora_meta(slots.cuda(), num_slots=5))
+        g.replay()
+        _, y_want = loop_lora(x.cpu(), y0.cpu(), [a.cpu() for a in a_list], [b.cpu() for b in b_list],
+                              rank.cpu(), scale.cpu(), slots)
+        torch.testing.assert_close(y.cpu().double(), y_want, rtol=2e-2, atol=2e-2)
+
+
+def test_meta_copy_refreshes_in_place_and_rejects_other_sizes():
+    static = make_lora_meta(torch.zeros(20, dtype=torch.int32), num_slots=4)
+    ptr = static.tile_slot.data_ptr()
+    slots = torch.tensor([3, -1, 1, 1, 0] * 4, dtype=torch.int32)
+    static.copy_(make_lora_meta(slots, num_slots=4))
+    fresh = make_lora_meta(slots, num_slots=4)
+    assert static.tile_slot.data_ptr() == ptr
+    assert torch.equal(static.tile_slot, fresh.tile_slot) and torch.equal(static.sorted_token_ids, fresh.sorted_token_ids)
+    with pytest.raises(ValueError, match="same T"):
+        static.copy_(make_lora_meta(torch.zeros(21, dtype=torch.int32), num_slots=4))
+
+
+def test_reference_is_differentiable_for_training():
+    """engine/training.py backpropagates through the references into the adapter's A and B."""
+    a_list, b_list, rank, scale = make_pool(2, 8, 12, [10, 6], [8, 5], torch.float64, seed=3)
+    a_list = [a.requires_grad_() for a in a_list]
+    b_list = [b.requires_grad_() for b in b_list]
+    slots = torch.tensor([1, 0, -1, 1], dtype=torch.int32)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    meta = make_lora_meta(slots)
+    y = torch.randn(4, 16, dtype=torch.float64)
+    out = lora_expand_ref(y.clone(), lora_shrink_ref(x, a_list, rank, meta), b_list, rank, scale, meta)
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum(), a_list + b_list)
+    # the same function written per token
+    _, want = loop_lora(x, y, a_list, b_list, rank, scale, slots)
+    want_grads = torch.autograd.grad((want * w).sum(), a_list + b_list)
+    for g, gw in zip(grads, want_grads):
+        torch.testing.assert_close(g, gw, rtol=1e-5, atol=1e-6)  # h is float32 by contract
+    assert grads[0][1, :5].abs().sum() > 0  # slot 1's rows within its rank get gradient
+
+
+def test_meta_of_wrong_type_is_rejected():
+    a_list, _, rank, _ = make_pool(2, 4, 8, [6], [4, 2], torch.float32)
+    with pytest.raises(ValueError, match="LoRABatchMeta"):
+        lora_shrink_ref(torch.randn(3, 8), a_list, rank, object())
+
+
+def test_reference_follows_meta_refreshed_in_place():
+    """The references cache each meta's slot groups; copy_ must invalidate that cache."""
+    a_list, b_list, rank, scale = make_pool(3, 4, 8, [6], [4, 2, 3], torch.float32)
+    x = torch.randn(5, 8)
+    meta = make_lora_meta(torch.tensor([0, 0, 1, -1, 2], dtype=torch.int32))
+    lora_shrink_ref(x, a_list, rank, meta)  # fills the cache
+    new_slots = torch.tensor([2, -1, 2, 0, 1], dtype=torch.int32)
+    meta.copy_(make_lora_meta(new_slots))
+    h = lora_shrink_ref(x, a_list, rank, meta)
+    h_want, _ = loop_lora(x, torch.zeros(5, 6), a_list, b_list, rank, scale, new_slots)
+    torch.testing.assert_close(h.double(), h_want, rtol=1e-5, atol=1e-6)
