@@ -15,7 +15,7 @@ from engine.errors import EngineError
 from node.errors import NodeError
 
 # Order is the order of `openlora --help`.
-COMMAND_MODULES = ("model", "db", "receipt")
+COMMAND_MODULES = ("model", "chain", "db", "receipt")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from node.config import load_settings
 
-        settings = load_settings(args.config)
+        # `init` writes the config file, so only it may name one that does not exist yet
+        creates_config = getattr(args, "creates_config", False)
+        settings = load_settings(args.config, allow_missing=creates_config)
         return int(args.func(args, settings) or 0)
     except _error_families() as exc:
         print(f"openlora: error: {exc}", file=sys.stderr)

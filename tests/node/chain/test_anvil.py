@@ -1,0 +1,78 @@
+"""Starting, stopping and restarting a local anvil, with and without persisted state."""
+
+from __future__ import annotations
+
+import pytest
+
+from node.chain import anvil as anvil_mod
+from node.chain.anvil import Anvil, find_anvil, rpc_request
+from node.chain.errors import AnvilError, RpcUnavailable
+
+pytestmark = pytest.mark.anvil
+
+
+@pytest.fixture(autouse=True)
+def _need_anvil():
+    try:
+        find_anvil()
+    except AnvilError as exc:
+        pytest.skip(str(exc))
+
+
+def test_start_answers_and_stop_frees_the_port():
+    node = Anvil().start()
+    try:
+        assert node.running()
+        assert anvil_mod.chain_id_at(node.url) == 31337
+    finally:
+        node.stop()
+    assert not node.running()
+    with pytest.raises(RpcUnavailable):
+        rpc_request(node.url, "eth_chainId", timeout=1.0)
+
+
+def test_state_survives_a_restart(tmp_path):
+    state = tmp_path / "state.json"
+    with Anvil(state_file=state) as node:
+        rpc_request(node.url, "evm_mine", [])
+        rpc_request(node.url, "evm_mine", [])
+        mined = int(rpc_request(node.url, "eth_blockNumber"), 16)
+    assert state.exists()
+    with Anvil(state_file=state) as node:
+        assert int(rpc_request(node.url, "eth_blockNumber"), 16) == mined
+
+
+def test_refuses_a_port_already_serving_rpc():
+    with Anvil() as node, pytest.raises(AnvilError, match="already answers"):
+        Anvil(port=node.port).start()
+
+
+def test_custom_chain_id():
+    with Anvil(chain_id=1337) as node:
+        assert anvil_mod.chain_id_at(node.url) == 1337
+
+
+def test_bad_binary_override_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("OPENLORA_ANVIL", str(tmp_path / "nope"))
+    with pytest.raises(AnvilError, match="OPENLORA_ANVIL"):
+        find_anvil()
+
+
+def test_detached_anvil_is_stopped_through_its_pid_file(tmp_path):
+    pid_file = tmp_path / "anvil.pid"
+    node = Anvil(detach=True, pid_file=pid_file).start()
+    url = node.url
+    node.proc = None  # forget it, as `chain up --detach` does
+    assert anvil_mod.read_pid_file(pid_file)["url"] == url
+    assert anvil_mod.stop_pid_file(pid_file) is True
+    assert not pid_file.exists()
+    with pytest.raises(RpcUnavailable):
+        rpc_request(url, "eth_chainId", timeout=1.0)
+    assert anvil_mod.stop_pid_file(pid_file) is False
+
+
+def test_a_corrupt_state_file_is_a_clear_error(tmp_path):
+    state = tmp_path / "state.json"
+    state.write_text("{ not a state")
+    with pytest.raises(AnvilError, match="exited with code .*log: "):
+        Anvil(state_file=state, log_file=tmp_path / "anvil.log").start(timeout=20)
