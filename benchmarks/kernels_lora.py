@@ -34,8 +34,10 @@ CASES = [(32, 1, 16), (32, 32, 16), (256, 1, 16), (256, 32, 16), (256, 256, 16),
          (4096, 4, 16), (4096, 0, 16)]
 VARIANTS = {  # lora.TUNING settings swept (the first is the current default)
     "default": {},
-    "p16k": dict(shrink_programs=16384, expand_programs=16384),
-    "p32k_bn64": dict(shrink_programs=32768, expand_programs=32768, block_n=64),
+    "g4": dict(shrink_grid=4, expand_grid=4),
+    "g16": dict(shrink_grid=16, expand_grid=16),
+    "bn256": dict(block_n=256),
+    "bn64_it528": dict(shrink_items=528, block_n=64),
 }
 
 
@@ -43,7 +45,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="kernels_lora.json")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--variants", default="", help="comma-separated subset of VARIANTS (default: all)")
     args = ap.parse_args()
+    variants = {k: v for k, v in VARIANTS.items() if not args.variants or k in args.variants.split(",")}
     bw = copy_bandwidth()
     slots_n = 256
     base_tuning = dict(lora.TUNING)
@@ -69,7 +73,7 @@ def main():
             ad_bytes = r_used * (hidden * len(outs) + sum(outs)) * 2
             floor_bytes = x.numel() * 2 + ad_bytes + 2 * y.numel() * 2
             row = dict(shape=shape, T=T, adapters=n_ad, rank=str(rank_kind), floor_us=floor_bytes / bw * 1e6)
-            for vname, tune in VARIANTS.items():
+            for vname, tune in variants.items():
                 lora.TUNING.clear()
                 lora.TUNING.update(base_tuning, **tune)
 
@@ -88,13 +92,13 @@ def main():
             del a, b
     lora.TUNING.clear()
     lora.TUNING.update(base_tuning)
-    res = dict(device=torch.cuda.get_device_name(), copy_bw_tb_s=bw / 1e12, variants=VARIANTS, rows=rows)
+    res = dict(device=torch.cuda.get_device_name(), copy_bw_tb_s=bw / 1e12, variants=variants, rows=rows)
     Path(args.json).write_text(json.dumps(res, indent=1))
-    print(f"LoRA shrink+expand us (graph replay), copy bw {bw / 1e12:.2f} TB/s; variants {VARIANTS}")
-    print(f"{'shape':>7} {'T':>5} {'adapt':>5} {'rank':>5} {'floor':>7} " + " ".join(f"{v:>10}" for v in VARIANTS))
+    print(f"LoRA shrink+expand us (graph replay), copy bw {bw / 1e12:.2f} TB/s; variants {variants}")
+    print(f"{'shape':>7} {'T':>5} {'adapt':>5} {'rank':>5} {'floor':>7} " + " ".join(f"{v:>10}" for v in variants))
     for r in rows:
         print(f"{r['shape']:>7} {r['T']:>5} {r['adapters']:>5} {r['rank']:>5} {r['floor_us']:>7.1f} "
-              + " ".join(f"{r[v]:>10.1f}" for v in VARIANTS))
+              + " ".join(f"{r[v]:>10.1f}" for v in variants))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,13 @@ of at most `block_m` tokens that never straddle two slots. Every layer reuses th
     h = lora_shrink(x, [a_q, a_k, a_v], rank, meta)         # [n_slices, T, max_rank] float32
     lora_expand(y, h, [b_q, b_k, b_v], rank, scale, meta)   # y[:, slice cols] += scale[s] * h_i @ b_i[s].T
 
-The Triton kernels run one program per (tile, rank or output block, slice). A tile of slot -1 is never
-made (tokens without an adapter cost nothing); a program whose rank block starts past the slot's true rank
-exits at once, so the work follows each adapter's real rank. All meta tensors have sizes that depend on
-T only, and the launch grids are sized by T and max_rank, so both kernels can be captured in CUDA graphs.
+The Triton kernels use a fixed-size, persistent grid: the meta carries a device-side count of live tiles
+(live tiles come first in the tile list), and each program loops over work items `pid, pid + GRID, ...` below
+`num_live_tiles x items per tile`. A work item is (tile, K split) in the shrink and (tile, output column
+block) in the expand. A tile of slot -1 is never made (tokens without an adapter cost nothing), and loads
+are masked at each slot's true rank, so bytes follow each adapter's real rank. The grid depends on T, the
+shapes and TUNING only (never on the adapter mix), so both kernels can be captured in CUDA graphs, and an
+all-dead batch costs one scalar load per program instead of a worst-case grid of idle programs.
 
 The plain-PyTorch references loop over the distinct slots in the batch (never over tokens).
 """
@@ -64,6 +67,9 @@ class LoRABatchMeta:
     tile_end: torch.Tensor  # shape [max_tiles] int32, one past the last position (<= start + block_m)
     tile_slot: torch.Tensor  # shape [max_tiles] int32, slot of the tile, -1 for unused tiles
     block_m: int  # tokens per tile (a power of two >= 16, tl.dot's minimum)
+    # shape [1] int32: number of live tiles (they are the first ones); the persistent kernels loop up to
+    # it. Optional for metas built by hand: the launchers then count tile_slot >= 0 on the device.
+    num_live_tiles: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -83,8 +89,17 @@ class LoRABatchMeta:
             )
         for name in ("token_slots", "sorted_token_ids", "tile_start", "tile_end", "tile_slot"):
             getattr(self, name).copy_(getattr(other, name))
+        if self.num_live_tiles is not None:
+            self.num_live_tiles.copy_(_live_tiles(other))
         self.__dict__.pop("_slot_groups", None)  # the references' per-slot cache (see _slot_groups)
         return self
+
+
+def _live_tiles(meta: "LoRABatchMeta") -> torch.Tensor:
+    """[1] int32 device count of live tiles (no host sync)."""
+    if getattr(meta, "num_live_tiles", None) is not None:
+        return meta.num_live_tiles
+    return (meta.tile_slot >= 0).sum().to(torch.int32).reshape(1)
 
 
 def _pick_block_m(num_tokens: int) -> int:
@@ -144,8 +159,10 @@ def make_lora_meta(
         tile_slot = torch.where(valid, seg_slot[seg_c], torch.full_like(t, -1))
         start = torch.where(valid, start, torch.zeros_like(start))
         end = torch.where(valid, end, torch.zeros_like(end))
+        n_live = tiles_cum[-1:].clamp(max=max_tiles)
     else:
         start = end = tile_slot = t
+        n_live = torch.zeros(1, dtype=torch.int64, device=dev)
     return LoRABatchMeta(
         token_slots=slots,
         sorted_token_ids=order.to(torch.int32),
@@ -153,6 +170,7 @@ def make_lora_meta(
         tile_end=end.to(torch.int32),
         tile_slot=tile_slot.to(torch.int32),
         block_m=bm,
+        num_live_tiles=n_live.to(torch.int32),
     )
 
 
@@ -300,152 +318,200 @@ if HAVE_TRITON:
         tile_start_ptr,  # shape [max_tiles] int32
         tile_end_ptr,  # shape [max_tiles] int32
         tile_slot_ptr,  # shape [max_tiles] int32
+        num_live_ptr,  # shape [1] int32: live tiles (the first ones)
         # dimensions
         T,
         K,
         MAX_RANK,
+        MAX_TILES,
         # strides
         stride_xt,
         stride_as,  # lora_a slot stride (= max_rank * K, same for all slices)
         stride_ar,  # lora_a row stride (= K)
-        K_PER_SPLIT,  # columns of K per split (a multiple of BLOCK_K)
+        K_PER_SPLIT,  # columns of K per work item (a multiple of BLOCK_K)
+        SPLIT_K,  # work items per tile
         # meta-parameters
+        N_SLICES: tl.constexpr,
+        R_PAD: tl.constexpr,  # max_rank rounded up to a power of two
+        BLOCK_C: tl.constexpr,  # N_SLICES * R_PAD rounded up to a power of two, >= 16
         BLOCK_M: tl.constexpr,
-        BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr,
+        A_ALIGN: tl.constexpr,  # byte alignment of every lora_a base (16 lets loads be 16 bytes wide)
+        ATOMIC: tl.constexpr,  # SPLIT_K > 1: parts meet in h through float32 atomic adds
         PRECISION: tl.constexpr,
     ):
-        # Program ids: axis 0 = tile of same-slot tokens, axis 1 = block of BLOCK_R rank rows,
-        # axis 2 = (slice, K split). Each program computes h[slice, tile tokens, rank block]
-        # += x[tokens, K part] @ A[slot, rank block, K part].T over its contiguous K_PER_SPLIT columns;
-        # splitting K keeps decode (few live tiles, long K) from running on a handful of SMs.
-        tile = tl.program_id(0)
-        pid_r = tl.program_id(1)
-        pid_sk = tl.program_id(2)
-        slice_id = pid_sk // SPLIT_K
-        pid_k = pid_sk % SPLIT_K
+        # Tiling. The rank rows of all slices are stacked into one "column" axis of BLOCK_C: column c is
+        # rank row c % R_PAD of slice c // R_PAD (q/k/v at rank 16: 48 live columns of 64). One work item
+        # computes h[:, tile tokens, :] += x[tokens, K part] @ A_all[slot, :, K part].T with a single dot
+        # per BLOCK_K step, so x is read once for all slices. Work items are (live tile, K split), handed
+        # out round-robin over a fixed grid: the grid never depends on how many tiles are live.
+        # Latency: at decode a program has one or two items, so the chain of dependent loads (tile ->
+        # slot/rank and token ids -> x/A) is the cost. The next item's tile fields, rank and token ids
+        # are prefetched one item ahead (the first ones before the live count is known).
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
 
-        slot = tl.load(tile_slot_ptr + tile)
-        if slot < 0:  # unused tile
-            return
-        rank = tl.load(rank_ptr + slot)
-        r0 = pid_r * BLOCK_R
-        if r0 >= rank:  # past this adapter's true rank: no work
-            return
-        start = tl.load(tile_start_ptr + tile)
-        end = tl.load(tile_end_ptr + tile)
+        offs_c = tl.arange(0, BLOCK_C)
+        c_slice = offs_c // R_PAD
+        c_rank = offs_c % R_PAD
+        c_ok = (c_slice < N_SLICES) & (c_rank < MAX_RANK)
+        # base address of each column's slice (a vector of pointers, loaded once per program)
+        a_col = tl.load(a_ptrs + c_slice, mask=c_slice < N_SLICES, other=0).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        if A_ALIGN > 1:
+            a_col = tl.multiple_of(a_col, A_ALIGN)
+        a_col = a_col + c_rank.to(tl.int64) * stride_ar
+        h_col = c_slice.to(tl.int64) * T * MAX_RANK + c_rank  # h offset of each column, token 0
+        arange_m = tl.arange(0, BLOCK_M)
 
-        offs_m = start + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < end
-        tok = tl.load(sorted_ids_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < rank
+        # prefetch item pid (clamped reads: the item may not exist)
+        t_n = tl.minimum(pid // SPLIT_K, MAX_TILES - 1)
+        slot_n = tl.load(tile_slot_ptr + t_n)
+        start_n = tl.load(tile_start_ptr + t_n)
+        end_n = tl.load(tile_end_ptr + t_n)
+        rank_n = tl.load(rank_ptr + tl.maximum(slot_n, 0))
+        tok_n = tl.load(sorted_ids_ptr + start_n + arange_m, mask=start_n + arange_m < end_n, other=0)
+        n_items = tl.load(num_live_ptr) * SPLIT_K
 
-        a_base = tl.load(a_ptrs + slice_id).to(tl.pointer_type(x_ptr.dtype.element_ty))
-        a_base = a_base + slot.to(tl.int64) * stride_as
+        for w in range(pid, n_items, n_prog):
+            slot = slot_n
+            rank = rank_n
+            m_mask = start_n + arange_m < end_n
+            tok = tok_n.to(tl.int64)
+            pid_k = w % SPLIT_K
+            c_mask = c_ok & (c_rank < rank)  # no bytes past the slot's true rank
+            a_row = a_col + slot.to(tl.int64) * stride_as
+            k_lo = pid_k * K_PER_SPLIT
+            k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
 
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        # Masked K loop over this program's share of K.
-        k_lo = pid_k * K_PER_SPLIT
-        k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            xt = tl.load(
-                x_ptr + tok[:, None] * stride_xt + offs_k[None, :],
-                mask=m_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )  # [BLOCK_M, BLOCK_K]
-            at = tl.load(
-                a_base + offs_k[:, None] + offs_r[None, :].to(tl.int64) * stride_ar,
-                mask=k_mask[:, None] & r_mask[None, :],
-                other=0.0,
-            )  # [BLOCK_K, BLOCK_R]
-            acc += tl.dot(xt, at, input_precision=PRECISION, out_dtype=tl.float32)
+            # prefetch the next item (overlaps this item's loads)
+            t_n = tl.minimum((w + n_prog) // SPLIT_K, MAX_TILES - 1)
+            slot_n = tl.load(tile_slot_ptr + t_n)
+            start_n = tl.load(tile_start_ptr + t_n)
+            end_n = tl.load(tile_end_ptr + t_n)
+            rank_n = tl.load(rank_ptr + tl.maximum(slot_n, 0))
+            tok_n = tl.load(sorted_ids_ptr + start_n + arange_m, mask=start_n + arange_m < end_n, other=0)
 
-        h_off = (slice_id.to(tl.int64) * T + tok[:, None]) * MAX_RANK + offs_r[None, :]
-        h_mask = m_mask[:, None] & r_mask[None, :]
-        if SPLIT_K == 1:
-            tl.store(h_ptr + h_off, acc, mask=h_mask)
-        else:
-            tl.atomic_add(h_ptr + h_off, acc, mask=h_mask)
+            acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < k_hi
+                xt = tl.load(
+                    x_ptr + tok[:, None] * stride_xt + offs_k[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )  # [BLOCK_M, BLOCK_K]
+                at = tl.load(
+                    a_row[None, :] + offs_k[:, None],
+                    mask=k_mask[:, None] & c_mask[None, :],
+                    other=0.0,
+                )  # [BLOCK_K, BLOCK_C], K contiguous in memory
+                acc += tl.dot(xt, at, input_precision=PRECISION, out_dtype=tl.float32)
+
+            h_off = tok[:, None] * MAX_RANK + h_col[None, :]
+            h_mask = m_mask[:, None] & c_mask[None, :]
+            if ATOMIC:
+                tl.atomic_add(h_ptr + h_off, acc, mask=h_mask, sem="relaxed")
+            else:
+                tl.store(h_ptr + h_off, acc, mask=h_mask)
 
     @triton.jit
     def _lora_expand_kernel(
         # pointers
         y_ptr,  # shape [T, N_total], updated in place
         h_ptr,  # shape [n_slices, T, max_rank] float32
-        b_ptrs,  # shape [n_slices] int64: data_ptr of each lora_b, each [num_slots, out_i, max_rank]
-        out_ptr,  # shape [n_slices] int32: out_i of each slice
-        col_ptr,  # shape [n_slices] int32: first column of each slice in y
+        blk_ptr,  # shape [5, n_blocks] int64: per BLOCK_N column block (all slices in order): slice,
+        #           first column within the slice, first column in y, slice width out_i, lora_b address
         rank_ptr,  # shape [num_slots] int32
         scale_ptr,  # shape [num_slots] float32
         sorted_ids_ptr,  # shape [T] int32
         tile_start_ptr,  # shape [max_tiles] int32
         tile_end_ptr,  # shape [max_tiles] int32
         tile_slot_ptr,  # shape [max_tiles] int32
+        num_live_ptr,  # shape [1] int32
         # dimensions
         T,
         MAX_RANK,
+        MAX_TILES,
+        N_BLOCKS,  # column blocks over all slices
         # strides
         stride_yt,
         # meta-parameters
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        N_SPLIT: tl.constexpr,
+        R_PAD: tl.constexpr,  # max_rank rounded up to a power of two, >= 16 (tl.dot's minimum K)
+        B_ALIGN: tl.constexpr,  # byte alignment of every lora_b base
+        Y_ALIGN: tl.constexpr,  # element alignment of every block's first y column
         PRECISION: tl.constexpr,
     ):
-        # Program ids: axis 0 = tile, axis 1 = one of N_SPLIT programs sharing the slice's columns
-        # (it takes column blocks pid_n, pid_n + N_SPLIT, ...), axis 2 = slice. For each of its BLOCK_N
-        # column blocks it adds scale * h[slice, tokens, :rank] @ B[slot, n block, :rank].T into y.
-        # Looping over column blocks inside the program (instead of one grid axis per block) keeps the
-        # grid, which is sized for the worst case of T distinct slots, small when few tiles are live.
-        tile = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        slice_id = tl.program_id(2)
+        # Tiling. A work item is (live tile, column block): y[tile tokens, BLOCK_N columns of one slice]
+        # += scale * h[slice, tokens, :rank] @ B[slot, columns, :rank].T, one dot with the whole rank as
+        # its K (no rank loop), then one read-modify-write of the y block (rows of BLOCK_N contiguous
+        # columns, 16-byte accesses thanks to the alignment hints). Column blocks are listed per slice,
+        # so slices of different widths (q 4096, k/v 1024) get no dead blocks; every per-block field is
+        # one table read (no slice -> width -> address chain). Items are handed out round-robin over a
+        # fixed grid; consecutive items share a tile (its h rows stay in L1/L2) and walk B contiguously.
+        # The next item's tile fields, rank, scale and token ids are prefetched one item ahead.
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
+        offs_r = tl.arange(0, R_PAD)
+        arange_m = tl.arange(0, BLOCK_M)
+        arange_n = tl.arange(0, BLOCK_N)
 
-        slot = tl.load(tile_slot_ptr + tile)
-        if slot < 0:
-            return
-        rank = tl.load(rank_ptr + slot)
-        n_out = tl.load(out_ptr + slice_id)
-        if (rank == 0) | (pid_n * BLOCK_N >= n_out):  # empty slot, or nothing left for this program
-            return
-        start = tl.load(tile_start_ptr + tile)
-        end = tl.load(tile_end_ptr + tile)
-        col0 = tl.load(col_ptr + slice_id)
-        scale = tl.load(scale_ptr + slot)
+        t_n = tl.minimum(pid // N_BLOCKS, MAX_TILES - 1)
+        slot_n = tl.load(tile_slot_ptr + t_n)
+        start_n = tl.load(tile_start_ptr + t_n)
+        end_n = tl.load(tile_end_ptr + t_n)
+        rank_n = tl.load(rank_ptr + tl.maximum(slot_n, 0))
+        scale_n = tl.load(scale_ptr + tl.maximum(slot_n, 0))
+        tok_n = tl.load(sorted_ids_ptr + start_n + arange_m, mask=start_n + arange_m < end_n, other=0)
+        n_items = tl.load(num_live_ptr) * N_BLOCKS
 
-        offs_m = start + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < end
-        tok = tl.load(sorted_ids_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-        b_base = tl.load(b_ptrs + slice_id).to(tl.pointer_type(y_ptr.dtype.element_ty))
-        b_base = b_base + slot.to(tl.int64) * n_out * MAX_RANK
-        h_rows = (slice_id.to(tl.int64) * T + tok[:, None]) * MAX_RANK
+        for w in range(pid, n_items, n_prog):
+            slot = slot_n
+            rank = rank_n
+            scale = scale_n
+            m_mask = start_n + arange_m < end_n
+            tok = tok_n.to(tl.int64)
+            blk = w % N_BLOCKS
+            slice_id = tl.load(blk_ptr + blk)
+            n0 = tl.load(blk_ptr + N_BLOCKS + blk)
+            ycol = tl.load(blk_ptr + 2 * N_BLOCKS + blk)
+            n_out = tl.load(blk_ptr + 3 * N_BLOCKS + blk)
+            b_base = tl.load(blk_ptr + 4 * N_BLOCKS + blk).to(tl.pointer_type(y_ptr.dtype.element_ty))
+            if B_ALIGN > 1:
+                b_base = tl.multiple_of(b_base, B_ALIGN)
+            if Y_ALIGN > 1:
+                ycol = tl.multiple_of(ycol, Y_ALIGN)
 
-        for n0 in range(pid_n * BLOCK_N, n_out, BLOCK_N * N_SPLIT):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < n_out
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            # Rank loop stops at the adapter's true rank: no FLOPs on the zero padding.
-            for r0 in range(0, rank, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                r_mask = offs_r < rank
-                bt = tl.load(
-                    b_base + offs_n[None, :].to(tl.int64) * MAX_RANK + offs_r[:, None],
-                    mask=r_mask[:, None] & n_mask[None, :],
-                    other=0.0,
-                )  # [BLOCK_R, BLOCK_N]
-                ht = tl.load(
-                    h_ptr + h_rows + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0
-                ).to(bt.dtype)  # [BLOCK_M, BLOCK_R], h in the weights' dtype as the tensor cores want
-                acc += tl.dot(ht, bt, input_precision=PRECISION, out_dtype=tl.float32)
-            y_off = tok[:, None] * stride_yt + (col0 + offs_n)[None, :]
+            r_mask = offs_r < rank
+            offs_n = n0 + arange_n
+            n_mask = offs_n < tl.where(rank > 0, n_out, 0)  # rank 0: no y read-modify-write
+            y_off = tok[:, None] * stride_yt + (ycol + arange_n)[None, :]
             y_mask = m_mask[:, None] & n_mask[None, :]
-            y_old = tl.load(y_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32)
-            tl.store(y_ptr + y_off, (y_old + scale * acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+            y_old = tl.load(y_ptr + y_off, mask=y_mask, other=0.0)
+            bt = tl.load(
+                b_base + (slot.to(tl.int64) * n_out + offs_n[None, :]) * MAX_RANK + offs_r[:, None],
+                mask=r_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )  # [R_PAD, BLOCK_N]: BLOCK_N x rank contiguous elements of B
+            ht = tl.load(
+                h_ptr + (slice_id * T + tok[:, None]) * MAX_RANK + offs_r[None, :],
+                mask=m_mask[:, None] & r_mask[None, :],
+                other=0.0,
+            ).to(bt.dtype)  # [BLOCK_M, R_PAD], h in the weights' dtype as the tensor cores want
+
+            # prefetch the next item (overlaps this item's loads)
+            t_n = tl.minimum((w + n_prog) // N_BLOCKS, MAX_TILES - 1)
+            slot_n = tl.load(tile_slot_ptr + t_n)
+            start_n = tl.load(tile_start_ptr + t_n)
+            end_n = tl.load(tile_end_ptr + t_n)
+            rank_n = tl.load(rank_ptr + tl.maximum(slot_n, 0))
+            scale_n = tl.load(scale_ptr + tl.maximum(slot_n, 0))
+            tok_n = tl.load(sorted_ids_ptr + start_n + arange_m, mask=start_n + arange_m < end_n, other=0)
+
+            acc = tl.dot(ht, bt, input_precision=PRECISION, out_dtype=tl.float32)
+            y_new = y_old.to(tl.float32) + scale * acc
+            tl.store(y_ptr + y_off, y_new.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -459,11 +525,21 @@ def _require_triton() -> None:
 
 
 # Launch heuristics (benchmarks/kernels_lora.py sweeps them; see benchmarks/NOTES-kernels.md).
-# *_programs: how many programs the worst-case grid (max_tiles x ...) should hold; the K (shrink) or
-# column (expand) work of a live tile is split to reach it, trading dead programs for shorter loops.
-TUNING = dict(shrink_programs=8192, expand_programs=4096, block_k=128, block_n=128, num_warps=4)
+# *_grid: programs per SM of the persistent grids (capped by the worst-case number of work items).
+# shrink_items: work items wanted when the whole batch is on one adapter; K is split to reach it.
+# block_n: output columns per expand work item.
+TUNING = dict(shrink_grid=8, expand_grid=8, shrink_items=264, block_k=128, block_n=128, num_warps=4)
 
 _TABLE_CACHE: dict[tuple, torch.Tensor] = {}
+_SM_COUNT: dict[str, int] = {}
+
+
+def _num_sms(device) -> int:
+    key = str(device)
+    if key not in _SM_COUNT:
+        dev = torch.device(device)
+        _SM_COUNT[key] = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+    return _SM_COUNT[key]
 
 
 def _int_table(values: list[int], dtype: torch.dtype, device) -> torch.Tensor:
@@ -484,13 +560,26 @@ def _ptr_table(tensors: list[torch.Tensor], device) -> torch.Tensor:
     return _int_table([t.data_ptr() for t in tensors], torch.int64, device)
 
 
+def _align(values: list[int], cap: int) -> int:
+    """Largest power of two <= cap dividing every value (byte addresses/offsets): a tl.multiple_of hint
+    that lets loads from table-held addresses be 16 bytes wide."""
+    a = cap
+    while a > 1 and any(v % a for v in values):
+        a //= 2
+    return a
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def lora_shrink_triton(
     x: torch.Tensor,  # shape [T, in]
     lora_a: list[torch.Tensor],  # each shape [num_slots, max_rank, in]
     rank: torch.Tensor,  # shape [num_slots] int32
     meta: LoRABatchMeta,
     *,
-    block_r: int = 16,
+    block_r: int | None = None,  # unused: the whole (stacked) rank axis is one block; kept for callers
     block_k: int | None = None,
     split_k: int | None = None,
 ) -> torch.Tensor:  # shape [n_slices, T, max_rank] float32
@@ -505,25 +594,26 @@ def lora_shrink_triton(
         x = x.contiguous()
     lora_a = [a.contiguous() for a in lora_a]
     rank = rank.to(torch.int32)
-    block_k = block_k or TUNING["block_k"]
+    r_pad = _pow2(max_rank)
+    block_c = max(16, _pow2(n * r_pad))
+    # keep the A tile (BLOCK_K x BLOCK_C) at <= 8k elements: 64 registers a thread at 4 warps
+    block_k = block_k or max(16, min(TUNING["block_k"], 8192 // block_c))
     k_chunks = triton.cdiv(K, block_k)
-    r_blocks = triton.cdiv(max_rank, block_r)
     if split_k is None:
-        # The grid is sized for the worst case (max_tiles), but decode often has few live tiles: split K
-        # so that ~TUNING["shrink_programs"] programs share the work and a live tile's K loop is short. Parts meet in h through
-        # float32 atomic adds.
-        split_k = max(1, min(k_chunks, triton.cdiv(TUNING["shrink_programs"], meta.max_tiles * r_blocks * n)))
-    split_k = min(split_k, k_chunks)
+        # Enough work items to fill the chip when every token is on one adapter (the fewest live tiles
+        # for this T): ceil(T / block_m) tiles x split_k >= shrink_items. Many adapters only add items.
+        split_k = triton.cdiv(TUNING["shrink_items"], triton.cdiv(T, meta.block_m))
+    split_k = max(1, min(split_k, k_chunks))
     k_per_split = triton.cdiv(k_chunks, split_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
-    grid = (meta.max_tiles, r_blocks, n * split_k)
+    grid = (max(1, min(meta.max_tiles * split_k, TUNING["shrink_grid"] * _num_sms(x.device))),)
     _lora_shrink_kernel[grid](
         x, _ptr_table(lora_a, x.device), h, rank,
-        meta.sorted_token_ids, meta.tile_start, meta.tile_end, meta.tile_slot,
-        T, K, max_rank,
-        x.stride(0), lora_a[0].stride(0), lora_a[0].stride(1), k_per_split,
-        BLOCK_M=meta.block_m, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k,
-        PRECISION=_precision(x.dtype), num_warps=TUNING["num_warps"],
+        meta.sorted_token_ids, meta.tile_start, meta.tile_end, meta.tile_slot, _live_tiles(meta),
+        T, K, max_rank, meta.max_tiles,
+        x.stride(0), lora_a[0].stride(0), lora_a[0].stride(1), k_per_split, split_k,
+        N_SLICES=n, R_PAD=r_pad, BLOCK_C=block_c, BLOCK_M=meta.block_m, BLOCK_K=block_k,
+        A_ALIGN=_align([a.data_ptr() for a in lora_a], 16), ATOMIC=split_k > 1, PRECISION=_precision(x.dtype), num_warps=TUNING["num_warps"],
     )
     return h
 
@@ -537,8 +627,8 @@ def lora_expand_triton(
     meta: LoRABatchMeta,
     *,
     block_n: int | None = None,
-    block_r: int = 16,
-    n_split: int | None = None,
+    block_r: int | None = None,  # unused: the whole rank is one dot; kept for callers
+    n_split: int | None = None,  # unused since the persistent grid; kept for callers
 ) -> torch.Tensor:
     _require_triton()
     _, max_rank, outs = _check_expand(y, h, lora_b, rank, scale, meta)
@@ -554,20 +644,34 @@ def lora_expand_triton(
     for o in outs[:-1]:
         cols.append(cols[-1] + o)
     block_n = block_n or TUNING["block_n"]
-    n_blocks = triton.cdiv(max(outs), block_n)
-    if n_split is None:
-        # ~TUNING["expand_programs"] programs in the worst-case grid; each loops over its share of the
-        # column blocks
-        n_split = max(1, min(n_blocks, triton.cdiv(TUNING["expand_programs"], meta.max_tiles * len(lora_b))))
-    n_split = min(n_split, n_blocks)
-    grid = (meta.max_tiles, n_split, len(lora_b))
+    # one int64 table of 5 rows per column block: slice, first column in the slice, first column in y,
+    # slice width, lora_b base address (cached by value: one per layer/module after the warm-up)
+    blocks = [(i, n0, cols[i] + n0, o, lora_b[i].data_ptr()) for i, o in enumerate(outs) for n0 in range(0, o, block_n)]
+    n_blocks = len(blocks)
+    if n_blocks == 0:
+        return y
+    table = _int_table([b[f] for f in range(5) for b in blocks], torch.int64, dev)
+    esize = y.element_size()
+    grid = (max(1, min(meta.max_tiles * n_blocks, TUNING["expand_grid"] * _num_sms(dev))),)
+    _lora_expand_kernel[grid](
+        y, h, table, rank.to(torch.int32), scale.to(torch.float32),
+        meta.sorted_token_ids, meta.tile_start, meta.tile_end, meta.tile_slot, _live_tiles(meta),
+        T, max_rank, meta.max_tiles, n_blocks, y.stride(0),
+        BLOCK_M=meta.block_m, BLOCK_N=block_n, R_PAD=max(16, _pow2(max_rank)),
+        B_ALIGN=_align([b.data_ptr() for b in lora_b], 16),
+        Y_ALIGN=_align([b[2] * esize for b in blocks] + [y.data_ptr(), y.stride(0) * esize], 16) // esize,
+        PRECISION=_precision(y.dtype), num_warps=TUNING["num_warps"],
+    )
+    return y
+    grid = (max(1, min(meta.max_tiles * n_blocks, TUNING["expand_grid"] * _num_sms(dev))),)
     _lora_expand_kernel[grid](
         y, h, _ptr_table(lora_b, dev),
         _int_table(outs, torch.int32, dev), _int_table(cols, torch.int32, dev),
+        _int_table(blk_slice, torch.int32, dev), _int_table(blk_n0, torch.int32, dev),
         rank.to(torch.int32), scale.to(torch.float32),
-        meta.sorted_token_ids, meta.tile_start, meta.tile_end, meta.tile_slot,
-        T, max_rank, y.stride(0),
-        BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_R=block_r, N_SPLIT=n_split,
+        meta.sorted_token_ids, meta.tile_start, meta.tile_end, meta.tile_slot, _live_tiles(meta),
+        T, max_rank, n_blocks, y.stride(0),
+        BLOCK_M=meta.block_m, BLOCK_N=block_n, R_PAD=max(16, _pow2(max_rank)),
         PRECISION=_precision(y.dtype), num_warps=TUNING["num_warps"],
     )
     return y

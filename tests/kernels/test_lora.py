@@ -146,6 +146,11 @@ def test_meta_tiles_cover_each_adapter_token_once(T, block_m):
         assert (slots[toks] == s).all()
         seen[toks] += 1
     assert torch.equal(seen, (slots >= 0).long())
+    # live tiles come first and their device-side count matches (the persistent kernels loop up to it)
+    live = (meta.tile_slot >= 0).long()
+    n_live = int(live.sum())
+    assert meta.num_live_tiles.shape == (1,) and int(meta.num_live_tiles) == n_live
+    assert bool((live[:n_live] == 1).all())
     # shapes depend on T only (CUDA-graph friendly)
     assert meta.max_tiles <= max(T, 0)
 
@@ -225,6 +230,55 @@ def test_triton_split_k_and_rank_blocks_match_loop(split_k, block_r):
     torch.testing.assert_close(y.cpu().double(), y_want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("grid_programs,drop_count", [(1, False), (3, True)])
+def test_triton_persistent_loop_covers_every_item(monkeypatch, grid_programs, drop_count):
+    """Grids far smaller than the work: each program loops over many (tile, K split) / (tile, column
+    block) items; also a meta without the device-side live count (the launcher counts the tiles)."""
+    from kernels import lora
+
+    monkeypatch.setattr(lora, "_num_sms", lambda device: 1)
+    monkeypatch.setitem(lora.TUNING, "shrink_grid", grid_programs)
+    monkeypatch.setitem(lora.TUNING, "expand_grid", grid_programs)
+    ranks = [16, 5, 0, 32]
+    a_list, b_list, rank, scale = make_pool(4, 32, 72, [40, 24, 24], ranks, torch.float32, seed=7)
+    slots = slot_pattern("mixed", 45, 4, seed=3)
+    slots[:6] = 2  # a rank-0 slot: live tiles with no work
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(45, 72, generator=g)
+    y0 = torch.randn(45, 88, generator=g)
+    h_want, y_want = loop_lora(x, y0, a_list, b_list, rank, scale, slots)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    meta = make_lora_meta(dev(slots))
+    if drop_count:
+        meta.num_live_tiles = None
+    h = lora_shrink_triton(dev(x), [dev(a) for a in a_list], dev(rank), meta, split_k=2, block_k=16)
+    has = slots >= 0
+    torch.testing.assert_close(h.cpu().double()[:, has], h_want[:, has], rtol=1e-4, atol=1e-4)
+    y = dev(y0.clone())
+    lora_expand_triton(y, h, [dev(b) for b in b_list], dev(rank), dev(scale), meta, block_n=16)
+    torch.testing.assert_close(y.cpu().double(), y_want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(y.cpu()[~has], y0[~has])
+
+
+@pytest.mark.parametrize("T", [70, 300])
+def test_triton_tall_tiles_match_loop(T):
+    """block_m 64 (the prefill tile) with long segments, ragged slices and the automatic split-K."""
+    ranks = [8, 16, 3]
+    a_list, b_list, rank, scale = make_pool(3, 16, 48, [36, 20], ranks, torch.float32, seed=11)
+    slots = torch.randint(-1, 3, (T,), generator=torch.Generator().manual_seed(T), dtype=torch.int32)
+    slots = slots.sort().values  # long same-slot runs, as in prefill
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, 48, generator=g)
+    y0 = torch.randn(T, 56, generator=g)
+    _, y_want = loop_lora(x, y0, a_list, b_list, rank, scale, slots)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    meta = make_lora_meta(dev(slots), block_m=64)
+    h = lora_shrink_triton(dev(x), [dev(a) for a in a_list], dev(rank), meta)
+    y = dev(y0.clone())
+    lora_expand_triton(y, h, [dev(b) for b in b_list], dev(rank), dev(scale), meta)
+    torch.testing.assert_close(y.cpu().double(), y_want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU (checked on the GPU run)")
 def test_captured_graph_stays_valid_for_any_adapter_mix():
     """Capture shrink+expand once, then replay with other slots (incl. -1) and other ranks."""
@@ -247,9 +301,13 @@ def test_captured_graph_stays_valid_for_any_adapter_mix():
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         step()
-    for seed in range(3):
+    for seed in range(5):
         gen = torch.Generator().manual_seed(seed)
         slots = torch.randint(-1, 5, (T,), generator=gen, dtype=torch.int32)
+        if seed == 3:
+            slots.fill_(-1)  # no live tile
+        if seed == 4:
+            slots.fill_(2)  # one adapter: the fewest live tiles
         rank.copy_(torch.randint(1, 65, (5,), generator=gen, dtype=torch.int32))
         meta.copy_(make_lora_meta(slots.cuda(), num_slots=5))
         g.replay()
@@ -261,11 +319,13 @@ def test_captured_graph_stays_valid_for_any_adapter_mix():
 def test_meta_copy_refreshes_in_place_and_rejects_other_sizes():
     static = make_lora_meta(torch.zeros(20, dtype=torch.int32), num_slots=4)
     ptr = static.tile_slot.data_ptr()
+    live_ptr = static.num_live_tiles.data_ptr()
     slots = torch.tensor([3, -1, 1, 1, 0] * 4, dtype=torch.int32)
     static.copy_(make_lora_meta(slots, num_slots=4))
     fresh = make_lora_meta(slots, num_slots=4)
-    assert static.tile_slot.data_ptr() == ptr
+    assert static.tile_slot.data_ptr() == ptr and static.num_live_tiles.data_ptr() == live_ptr
     assert torch.equal(static.tile_slot, fresh.tile_slot) and torch.equal(static.sorted_token_ids, fresh.sorted_token_ids)
+    assert torch.equal(static.num_live_tiles, fresh.num_live_tiles)
     with pytest.raises(ValueError, match="same T"):
         static.copy_(make_lora_meta(torch.zeros(21, dtype=torch.int32), num_slots=4))
 
