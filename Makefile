@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup venv npm model test pytest contracts-test contracts-build demo clean
+.PHONY: setup venv npm model chromium test pytest contracts-test contracts-build contracts-invariant-long reliability-table demo clean
 
 setup: $(STAMP) $(NPM_STAMP)
 
@@ -33,10 +33,22 @@ contracts-build: $(NPM_STAMP)
 contracts-test: $(NPM_STAMP)
 	@if ls contracts/src/*.sol >/dev/null 2>&1; then $(MAKE) -C contracts test; else echo "no contracts yet"; fi
 
-pytest: setup model
+# headless Chromium drives the dashboard test (Debian package; installed only when missing)
+chromium:
+	bash scripts/ensure-chromium.sh
+
+pytest: setup model chromium
 	$(BIN)/python -m pytest -q
 
 test: setup model contracts-test pytest
+
+# the invariant suites with many more runs (minutes; not part of `make test`)
+contracts-invariant-long: $(NPM_STAMP)
+	$(MAKE) -C contracts invariant-long
+
+# re-render docs/reliability.md from the rows the reliability tests wrote (docs/reliability.json)
+reliability-table: setup
+	$(BIN)/python scripts/reliability_table.py
 
 demo: setup model
 	$(BIN)/python -m node.demo

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from node.errors import ConfigError
@@ -53,6 +53,31 @@ class Settings(BaseSettings):
     # server
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    dev: bool = Field(default=False, description="dev mode: serve adapter_dir with no chain, payment or admin token")
+    served_model_name: str | None = Field(default=None, description="base model id in the API (default: model's name)")
+    admin_token: SecretStr | None = Field(default=None, description="bearer token of the admin endpoints")
+    max_request_bytes: int = Field(default=1 << 20, ge=1024, description="largest accepted request body (413 above)")
+    max_queued_requests: int = Field(default=256, ge=1, description="requests waiting or running before 429")
+    max_prompt_tokens: int | None = Field(default=None, ge=1, description="default: the model's context length")
+    engine_max_num_seqs: int = Field(default=64, ge=1, description="sequences decoded together")
+    engine_num_lora_slots: int = Field(default=8, ge=1, description="adapters resident on the device at once")
+    engine_max_lora_rank: int = Field(default=64, ge=1, description="largest adapter (or mix) rank served")
+    log_level: str = Field(default="info", description="debug | info | warning | error")
+    log_json: bool = Field(default=True, description="one JSON object per log line")
+
+    # payments and settlement (node/payments.py, node/settlement.py)
+    node_id: int | None = Field(default=None, ge=1, description="NodeRegistry id (`openlora node register` sets it)")
+    keystore_file: Path | None = Field(default=None, description="node key, encrypted (default <data_dir>/node-key.json)")
+    operator_address: str | None = Field(default=None, description="credited with the operator's part (default: node signer)")
+    base_price_per_m_input: int = Field(default=0, ge=0, description="base-model requests: base units per 1M input tokens")
+    base_price_per_m_output: int = Field(default=0, ge=0, description="base-model requests: base units per 1M output tokens")
+    escrow_cache_s: float = Field(default=2.0, ge=0, description="how long an escrow read from chain is reused")
+    settle_interval_s: float = Field(default=300.0, gt=0, description="settle at least this often")
+    settle_batch_size: int = Field(default=500, ge=1, description="settle as soon as this many receipts wait")
+    settle_confirmations: int = Field(default=2, ge=1, description="blocks before a settlement counts as final")
+    settle_stuck_after_s: float = Field(default=120.0, gt=0, description="replace a pending settlement after this")
+    registry_sync_s: float = Field(default=60.0, gt=0, description="how often AdapterRegistry is re-read")
+    auth_domain: str = Field(default="localhost", description="EIP-4361 domain in sign-in messages")
 
     @property
     def models_dir(self) -> Path:
@@ -69,6 +94,10 @@ class Settings(BaseSettings):
     @property
     def resolved_deployment_file(self) -> Path:
         return self.deployment_file or self.data_dir / "deployment.json"
+
+    @property
+    def resolved_keystore_file(self) -> Path:
+        return self.keystore_file or self.data_dir / "node-key.json"
 
     @classmethod
     def settings_customise_sources(
@@ -102,12 +131,15 @@ class _TomlSource(PydanticBaseSettingsSource):
         return dict(data.get("openlora", data))
 
 
-def load_settings(config_file: str | os.PathLike | None = None, **overrides: Any) -> Settings:
-    """Build the settings; raises ConfigError with a readable message on bad values."""
+def load_settings(config_file: str | os.PathLike | None = None, *, allow_missing: bool = False,
+                  **overrides: Any) -> Settings:
+    """Build the settings; raises ConfigError with a readable message on bad values.
+
+    `allow_missing` accepts a named config file that does not exist yet (for `openlora init`)."""
     path = Path(config_file) if config_file else None
     if path is None and os.environ.get("OPENLORA_CONFIG"):
         path = Path(os.environ["OPENLORA_CONFIG"])
-    if path is not None and not path.exists():
+    if path is not None and not path.exists() and not allow_missing:
         raise ConfigError(f"config file {path} does not exist")
     _TomlSource.path = path or default_config_file()
     try:

@@ -15,7 +15,8 @@ from engine.errors import EngineError
 from node.errors import NodeError
 
 # Order is the order of `openlora --help`.
-COMMAND_MODULES = ("model", "chain", "db", "receipt")
+COMMAND_MODULES = ("model", "generate", "serve", "chain", "db", "receipt", "init", "node_cmd", "adapters", "settle", "status",
+                   "rewards", "datanet", "adapter")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 

@@ -74,13 +74,65 @@ def test_index_round_trips_through_safetensors_and_rejects_other_files(tmp_path)
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    save_file({"sums": back.sums, "counts": back.counts}, str(tmp_path / "v2.safetensors"), metadata={**meta, "version": "2"})
-    with pytest.raises(IndexFormatError, match="version"):
-        AttributionIndex.load(tmp_path / "v2.safetensors")
+    save_file({"sums": back.sums, "counts": back.counts}, str(tmp_path / "v9.safetensors"), metadata={**meta, "version": "9"})
+    with pytest.raises(IndexFormatError, match="version 9 is not supported"):
+        AttributionIndex.load(tmp_path / "v9.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(IndexFormatError):
         AttributionIndex.load(tmp_path / "junk.safetensors")
     assert json.loads(meta["index"])["projection"]["seed"] == 5
+
+
+def test_a_version_1_file_still_loads_as_one_checkpoint_at_the_adapter(tmp_path):
+    from safetensors.torch import save_file
+
+    sums = torch.randn(2, 16)
+    meta = {"projection": {"kind": "sparse-jl-shake256", "seed": 1, "dim": 16, "nnz": 4, "chunk_rows": 65536},
+            "contributors": CONTRIBUTORS[:2], "param_shapes": {"w": [4]}, "adapter_id": 1, "datanet_id": 1,
+            "sketch_normalization": "unit"}
+    save_file({"sums": sums, "counts": torch.tensor([2, 3])}, str(tmp_path / "v1.safetensors"),
+              metadata={"format": "openlora-poa-index", "version": "1", "index": json.dumps(meta)})
+    idx = AttributionIndex.load(tmp_path / "v1.safetensors")
+    assert idx.version == 1 and idx.num_checkpoints == 1 and idx.checkpoint_tensors(0) is None
+    q = torch.randn(16)
+    means = sums / torch.tensor([2.0, 3.0])[:, None]
+    want = torch.cosine_similarity(means, q[None], dim=1)
+    assert [round(s, 5) for _, s in idx.scores(q)] == [round(float(x), 5) for x in want]
+    # saving it again writes the current version
+    assert AttributionIndex.load(idx.save(tmp_path / "again.safetensors")).version == 2
+
+
+def test_checkpoints_are_summed_with_their_learning_rates_and_weights_travel(tmp_path):
+    p = Projection(seed=9, dim=16)
+    e = torch.eye(16)
+    weights = {"w.lora_A.weight": torch.randn(2, 3), "w.lora_B.weight": torch.randn(3, 2)}
+    idx = AttributionIndex(projection=p, param_shapes={k: list(v.shape) for k, v in weights.items()},
+                           checkpoint_lrs=[3.0, 1.0], checkpoint_steps=[5, 10], checkpoint_weights=[weights, None])
+    # contributor 0 agrees with the request at the early checkpoint, contributor 1 at the late one
+    idx.add(CONTRIBUTORS[0], torch.stack([e[0], e[2]]))
+    idx.add(CONTRIBUTORS[1], [e[1], 5 * e[3]])  # scale does not matter: unit-normalized
+    q = torch.stack([e[0] + 0.5 * e[1], e[3]])
+    scores = dict(idx.scores(q))
+    c01, c11 = float(1 / 1.25 ** 0.5), float(0.5 / 1.25 ** 0.5)
+    assert scores[CONTRIBUTORS[0]] == pytest.approx(3.0 * c01 / 4.0)
+    assert scores[CONTRIBUTORS[1]] == pytest.approx((3.0 * c11 + 1.0) / 4.0)
+    with pytest.raises(InvalidInput, match="one sketch per checkpoint"):
+        idx.scores(e[0])
+    back = AttributionIndex.load(idx.save(tmp_path / "k2.safetensors"))
+    assert back.checkpoint_lrs == [3.0, 1.0] and back.checkpoint_steps == [5, 10]
+    assert back.checkpoint_tensors(1) is None
+    assert all(torch.equal(back.checkpoint_tensors(0)[k], v) for k, v in weights.items())
+    assert dict(back.scores(q)) == pytest.approx(scores)
+    # score_request: one gradient mapping per checkpoint
+    g = [{k: torch.randn(v.shape) for k, v in weights.items()} for _ in range(2)]
+    shares = score_request(back, g)
+    assert not shares or sum(s.share_bps for s in shares) == 10_000
+    # a caller with only the served adapter's gradient is scored at that checkpoint alone (v1 callers)
+    single = score_request(back, g[1])
+    want = torch.cosine_similarity(back.sums[1].double(), project_gradients(g[1], p).double()[None], dim=1)
+    assert {s.address for s in single} == {a for a, c in zip(back.contributors, want.tolist()) if c > 0}
+    with pytest.raises(InvalidInput):
+        score_request(back, [g[0]] * 3)
 
 
 def test_only_positive_influence_earns_and_shares_sum_to_10000():

@@ -11,24 +11,22 @@ from node.chain.errors import AnvilError, RpcUnavailable
 pytestmark = pytest.mark.anvil
 
 
-@pytest.fixture(autouse=True)
-def _need_anvil():
-    try:
-        find_anvil()
-    except AnvilError as exc:
-        pytest.skip(str(exc))
+def test_anvil_is_installed_by_the_project():
+    # `make test` installs anvil from npm; a missing binary is a set-up failure, not a reason to skip
+    assert find_anvil()
 
 
-def test_start_answers_and_stop_frees_the_port():
+def test_start_answers_and_stop_ends_the_process():
     node = Anvil().start()
+    proc = node.proc
     try:
         assert node.running()
         assert anvil_mod.chain_id_at(node.url) == 31337
     finally:
         node.stop()
     assert not node.running()
-    with pytest.raises(RpcUnavailable):
-        rpc_request(node.url, "eth_chainId", timeout=1.0)
+    # the process is gone (checking the port instead would race with other anvils on this machine)
+    assert proc.poll() is not None
 
 
 def test_state_survives_a_restart(tmp_path):

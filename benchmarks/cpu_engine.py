@@ -1,0 +1,186 @@
+"""CPU throughput of our engine against transformers (+ PEFT) generate, on SmolLM2, fp32.
+
+Two workloads, greedy, a fixed number of new tokens per request (EOS ignored on both sides):
+  single   one request, base model
+  mixed    8 concurrent requests over 3 PEFT adapters (ranks 8/16/16, different target modules),
+           against two transformers + PEFT baselines:
+             sequential  one generate() per request, adapter switched with set_adapter (how a plain
+                         transformers server answers concurrent requests)
+             batched     one left-padded generate() with PEFT's mixed-adapter `adapter_names` (the
+                         strongest transformers baseline; it needs all requests up front)
+Each side is warmed up, then timed `--repeats` times interleaved with the other; the best run counts
+(the CPU is shared, the best run is the least disturbed). Tokens/s counts generated tokens only.
+
+    .venv/bin/python benchmarks/cpu_engine.py [--tokens 64] [--repeats 3] [--threads N]
+Writes benchmarks/out/cpu_engine.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+OUT = Path(__file__).parent / "out" / "cpu_engine.json"
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
+             "List three primary colors.", "What is 12 times 7?", "Give me a tip for learning Python.",
+             "Why is the sky blue?", "Name a famous painter."]
+ADAPTERS = {"qv8": (8, ["q_proj", "v_proj"]), "mlp16": (16, ["gate_proj", "up_proj", "down_proj"]),
+            "all16": (16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])}
+
+
+def make_adapters(model_dir: Path, root: Path) -> dict[str, Path]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    out = {}
+    for i, (name, (r, targets)) in enumerate(ADAPTERS.items()):
+        pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, task_type="CAUSAL_LM"))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        pm.save_pretrained(root / name)
+        base = pm.unload()
+        out[name] = root / name
+    return out
+
+
+def best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="HF-format model directory (default: the cached SmolLM2)")
+    ap.add_argument("--tokens", type=int, default=64, help="new tokens per request")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    if args.model:
+        model_dir = Path(args.model)
+    else:
+        from node import models
+        from node.config import load_settings
+
+        settings = load_settings()
+        model_dir = models.resolve(settings.model, settings.models_dir)
+    n_new = args.tokens
+    tmp = tempfile.TemporaryDirectory(prefix="openlora-bench-")
+    print(f"making {len(ADAPTERS)} PEFT adapters ...", flush=True)
+    adapters = make_adapters(model_dir, Path(tmp.name))
+    names = [list(ADAPTERS)[i % len(ADAPTERS)] for i in range(len(QUESTIONS))]
+
+    engine = LLMEngine(model_dir, EngineConfig(num_kv_blocks=256, num_lora_slots=4, max_lora_rank=16,
+                                               max_num_seqs=16))
+    for name, path in adapters.items():
+        engine.register_adapter(name, path)
+    prompts = [engine.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+    params = SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True)
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    items = list(adapters.items())
+    peft = PeftModel.from_pretrained(hf, items[0][1], adapter_name=items[0][0])
+    for name, path in items[1:]:
+        peft.load_adapter(path, adapter_name=name)
+    peft.eval()
+
+    def ours_single():
+        out = engine.generate([prompts[0]], params)[0]
+        assert len(out.token_ids) == n_new
+
+    def hf_single():
+        ids = torch.tensor([prompts[0]])
+        with torch.no_grad(), peft.disable_adapter():
+            out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                                min_new_tokens=n_new, do_sample=False, pad_token_id=0)
+        assert out.shape[1] - ids.shape[1] == n_new
+
+    def ours_mixed():
+        outs = engine.generate(prompts, params, adapters=names)
+        assert all(len(o.token_ids) == n_new for o in outs)
+
+    width = max(len(p) for p in prompts)
+    batch = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    def hf_sequential():
+        with torch.no_grad():
+            for prompt, name in zip(prompts, names):
+                peft.set_adapter(name)
+                ids = torch.tensor([prompt])
+                out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                                    min_new_tokens=n_new, do_sample=False, pad_token_id=0)
+                assert out.shape[1] - ids.shape[1] == n_new
+
+    def hf_batched():
+        with torch.no_grad():
+            out = peft.generate(input_ids=batch, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
+                                do_sample=False, pad_token_id=0, adapter_names=names)
+        assert out.shape[1] - width == n_new
+
+    print("warming up ...", flush=True)
+    for fn in (ours_single, hf_single, ours_mixed, hf_batched):
+        fn()
+    results = {}
+    for label, ours, theirs, count in (("single", ours_single, hf_single, n_new),
+                                       ("mixed_8x3_vs_sequential", ours_mixed, hf_sequential, n_new * len(prompts)),
+                                       ("mixed_8x3_vs_batched", ours_mixed, hf_batched, n_new * len(prompts))):
+        t_ours, t_hf = [], []
+        for _ in range(args.repeats):  # interleaved, so a disturbance hits both sides alike
+            t_ours.append(best(ours, 1))
+            t_hf.append(best(theirs, 1))
+        ours_tps, hf_tps = count / min(t_ours), count / min(t_hf)
+        results[label] = {"tokens": count, "engine_tok_s": round(ours_tps, 2), "transformers_tok_s": round(hf_tps, 2),
+                          "ratio": round(ours_tps / hf_tps, 3), "engine_s": [round(t, 3) for t in t_ours],
+                          "transformers_s": [round(t, 3) for t in t_hf]}
+        print(f"{label}: engine {ours_tps:.1f} tok/s, transformers {hf_tps:.1f} tok/s", flush=True)
+
+    # influence statistics are on by default; what leaving them on costs on the mixed batch
+    engine.runner.collect_influence = False
+    t_off = min(best(ours_mixed, 1) for _ in range(args.repeats))
+    engine.runner.collect_influence = True
+    t_on = min(results["mixed_8x3_vs_batched"]["engine_s"] + results["mixed_8x3_vs_sequential"]["engine_s"])
+    results["influence_overhead"] = {"engine_s_without": round(t_off, 3), "engine_s_with": round(t_on, 3),
+                                     "overhead": round(t_on / t_off - 1.0, 3)}
+
+    print(f"\n{'workload':26} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>7}")
+    for label, r in results.items():
+        if "ratio" not in r:
+            continue
+        print(f"{label:26} {r['engine_tok_s']:>13.1f} {r['transformers_tok_s']:>19.1f} {r['ratio']:>6.2f}x")
+    print(f"influence statistics cost {100 * results['influence_overhead']['overhead']:.1f}% on the mixed batch")
+    report = {"model": str(model_dir), "new_tokens_per_request": n_new, "threads": args.threads,
+              "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
+              "repeats": args.repeats, "results": results,
+              "targets": {"single": 1.0, "mixed_8x3_vs_sequential": 3.0}}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {OUT}")
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

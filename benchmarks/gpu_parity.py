@@ -1,0 +1,143 @@
+"""Mixed-adapter parity on CUDA: our engine vs transformers + PEFT on the same GPU, fp32 and bf16.
+
+tests/engine/test_parity.py runs on the CPU only (and needs the cached SmolLM2 tokenizer), so this runs
+its mixed-batch case on the GPU: a tiny random Llama (hidden 64, 2 layers, vocab 49152, tied), base +
+3 PEFT adapters made by PEFT (q/v rank 8; MLP rank 16; all seven projections rank 16), 4 prompts of 12
+tokens in one batch, 8 greedy tokens. Reports token agreement and the max relative L2 logit error per
+row over the steps before the row's first differing token.
+
+    python3 benchmarks/gpu_parity.py [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_engine import build_engine  # noqa: E402  (also puts the repository root on sys.path)
+
+from engine.config import EngineConfig  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+
+CFG = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5,
+           tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+ADAPTERS = {"qv8": (8, ["q_proj", "v_proj"]), "mlp16": (16, ["gate_proj", "up_proj", "down_proj"]),
+            "all16": (16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])}
+
+
+def make_model(root: Path) -> tuple[Path, dict[str, Path]]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CFG))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.08)
+    model_dir = root / "tiny"
+    model.to(torch.float32).save_pretrained(model_dir, safe_serialization=True)
+    paths = {}
+    base = model
+    for i, (name, (r, targets)) in enumerate(ADAPTERS.items()):
+        pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, task_type="CAUSAL_LM"))
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        pm.save_pretrained(root / name)
+        base = pm.unload()
+        paths[name] = root / name
+    return model_dir, paths
+
+
+def run(dtype_name: str, model_dir: Path, paths: dict[str, Path], n_new: int = 8) -> dict:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(10, CFG["vocab_size"] - 10, (4, 12), generator=g).tolist()
+    names = [None, "qv8", "mlp16", "all16"]
+
+    engine = build_engine(model_dir, EngineConfig(device="cuda", dtype=dtype_name, num_kv_blocks=256,
+                                                  num_lora_slots=4, max_lora_rank=16), random_weights=False)
+    for name, path in paths.items():
+        engine.register_adapter(name, path)
+        engine.adapters.load(name)
+    engine.runner.keep_logits = True
+    params = SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True)
+    rids = [engine.add_request(p, params, a) for p, a in zip(prompts, names)]
+    logits = {r: [] for r in rids}
+    tokens = {}
+    while engine.has_unfinished():
+        outs = engine.step()
+        if engine.last_logits is not None:
+            for row, rid in enumerate(engine.last_rows):
+                logits[rid].append(engine.last_logits[row].float().cpu())
+            engine.last_logits = None
+        for o in outs:
+            if o.finished:
+                tokens[o.request_id] = o.token_ids
+    engine.close()
+    del engine
+    torch.cuda.empty_cache()
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda").eval()
+    items = list(paths.items())
+    peft = PeftModel.from_pretrained(hf, items[0][1], adapter_name=items[0][0])
+    for name, path in items[1:]:
+        peft.load_adapter(path, adapter_name=name)
+    peft.eval()
+    ids = torch.tensor(prompts, device="cuda")
+    with torch.no_grad():
+        out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                            min_new_tokens=n_new, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                            output_logits=True, adapter_names=[n or "__base__" for n in names])
+    ref_tokens = out.sequences[:, ids.shape[1]:].tolist()
+    ref_logits = torch.stack([x.float().cpu() for x in out.logits], dim=1)  # [4, n_new, vocab]
+    rows = []
+    for i, rid in enumerate(rids):
+        ours, ref = tokens[rid], ref_tokens[i]
+        agree = sum(a == b for a, b in zip(ours, ref))
+        first_diff = next((k for k, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
+        errs = [float((logits[rid][k] - ref_logits[i, k]).norm() / ref_logits[i, k].norm())
+                for k in range(min(first_diff + 1, len(logits[rid]), n_new))]
+        rows.append(dict(adapter=names[i] or "base", agree=agree, of=len(ref), first_diff=first_diff,
+                         max_rel_logit_err=max(errs) if errs else None, first_step_rel_err=errs[0] if errs else None))
+    del peft, hf
+    torch.cuda.empty_cache()
+    return {"dtype": dtype_name, "rows": rows, "tokens_agree": sum(r["agree"] for r in rows),
+            "tokens_total": sum(r["of"] for r in rows)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "CUDA only"
+    root = Path(tempfile.mkdtemp(prefix="gpu-parity-"))
+    model_dir, paths = make_model(root)
+    results = {"device": torch.cuda.get_device_name(), "runs": []}
+    for dt in ("float32", "bfloat16"):
+        r = run(dt, model_dir, paths)
+        results["runs"].append(r)
+        print(f"{dt}: tokens {r['tokens_agree']}/{r['tokens_total']}")
+        for row in r["rows"]:
+            print(f"  {row['adapter']:6} {row['agree']}/{row['of']} first diff at {row['first_diff']}, "
+                  f"max rel logit err (up to first diff) {row['max_rel_logit_err']:.2e}, "
+                  f"first step {row['first_step_rel_err']:.2e}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Building blocks of the Llama-family model: one small module per layer kind."""

@@ -1,0 +1,106 @@
+"""Next-token choice for a batch of sequences, each with its own sampling parameters.
+
+The common cases stay batched (greedy argmax; temperature, top-k and top-p on one sorted copy of the
+logits); per-row work happens only for what is per-request by nature: a seeded generator (so a seed
+gives the same tokens whatever else shares the batch) and presence/frequency penalties.
+Logprobs are those of the model's distribution (before temperature and truncation), as OpenAI reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sequence import Sequence
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    # per row: None, or (logprob of the chosen token, [(token id, logprob), ...] top alternatives)
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: frozenset[int] = frozenset()):
+        self.eos_token_ids = sorted(eos_token_ids)
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        logits = logits.float()
+        raw = logits
+        rows = len(seqs)
+        params = [s.params for s in seqs]
+        logits = self._penalties(logits, seqs)
+
+        chosen = torch.empty(rows, dtype=torch.long)
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        if greedy:
+            chosen[greedy] = logits[greedy].argmax(dim=-1).cpu()
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if random_rows:
+            chosen[random_rows] = self._sample(logits[random_rows], [seqs[i] for i in random_rows])
+
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        lp_out: list = [None] * rows
+        if want:
+            lps = torch.log_softmax(raw[want], dim=-1)
+            k_max = max(params[i].logprobs for i in want)
+            top_v, top_i = lps.topk(max(k_max, 1), dim=-1) if k_max else (None, None)
+            for j, i in enumerate(want):
+                k = params[i].logprobs
+                alts = list(zip(top_i[j, :k].tolist(), top_v[j, :k].tolist())) if k else []
+                lp_out[i] = (float(lps[j, chosen[i]]), alts)
+        return SampleResult(chosen.tolist(), lp_out)
+
+    def _penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        copied = False
+        for i, s in enumerate(seqs):
+            p = s.params
+            ban_eos = s.num_output_tokens < p.min_tokens
+            if not (p.presence_penalty or p.frequency_penalty or ban_eos):
+                continue
+            if not copied:
+                logits, copied = logits.clone(), True
+            if ban_eos:
+                stop_ids = list(set(self.eos_token_ids) | set(p.stop_token_ids))
+                logits[i, stop_ids] = float("-inf")
+            if s.output_counts and (p.presence_penalty or p.frequency_penalty):
+                ids = torch.tensor(list(s.output_counts.keys()), dtype=torch.long, device=logits.device)
+                counts = torch.tensor(list(s.output_counts.values()), dtype=logits.dtype, device=logits.device)
+                # OpenAI's definition: logit -= count * frequency + (count > 0) * presence
+                logits[i, ids] -= counts * p.frequency_penalty + p.presence_penalty
+        return logits
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype, device=logits.device)
+        logits = logits / temps[:, None]
+        top_ks = [s.params.top_k for s in seqs]
+        top_ps = [s.params.top_p for s in seqs]
+        if any(top_ks) or any(p < 1.0 for p in top_ps):
+            logits = _truncate(logits, top_ks, top_ps)
+        probs = torch.softmax(logits, dim=-1)
+        # Gumbel-max in its exponential form: argmax(p / E) with E ~ Exp(1) is a sample from p.
+        # Seeded rows draw E from their own generator, so their stream never depends on the batch.
+        noise = torch.empty_like(probs)
+        for j, s in enumerate(seqs):
+            if s.generator is not None:
+                noise[j].exponential_(generator=s.generator)
+            else:
+                noise[j].exponential_()
+        return (probs / noise).argmax(dim=-1).cpu()
+
+
+def _truncate(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.tensor([k if k > 0 else vocab for k in top_ks], device=logits.device)[:, None]
+    drop = ranks >= k
+    p = torch.tensor(top_ps, dtype=logits.dtype, device=logits.device)[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    # keep the smallest prefix whose mass reaches top_p (the token that crosses it is kept)
+    drop |= (probs.cumsum(dim=-1) - probs) >= p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

@@ -1,0 +1,109 @@
+"""Tensors in, tokens out: lay a SchedulerOutput out as one flat batch, run the model, sample.
+
+Per step the runner builds, once, everything the layers need (docs/engine-kernels.md): token ids and
+positions of every scheduled token in batch order, the KV slot of each, block tables, context
+lengths, query start offsets and each token's adapter slot (turned into a LoRABatchMeta). These reach
+the layers through engine.context; logits are computed only for the rows that sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.context import Context, reset_context, set_context
+from engine.layers.sampler import SampleResult, Sampler
+from engine.models.llama import LlamaForCausalLM
+from engine.scheduler import SchedulerOutput
+from kernels import dispatch
+
+
+@dataclass
+class StepResult:
+    sampled: SampleResult | None  # rows = scheduled entries with sample=True, in batch order
+    logits: torch.Tensor | None  # [rows, vocab] float32 when keep_logits, else None
+    # per scheduled entry: sum over its tokens of the mean LoRA delta ratio (0 when no adapter)
+    influence: list[float]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, sampler: Sampler,
+                 lora_pool=None, collect_influence: bool = True):
+        self.model = model
+        self.block_size = block_size
+        self.sampler = sampler
+        self.lora_pool = lora_pool
+        self.collect_influence = collect_influence
+        self.keep_logits = False  # tests read the logits of each sampled row
+        cfg = model.config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.k_caches, self.v_caches = [], []
+        for layer in model.layers:
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = k, v
+            self.k_caches.append(k)
+            self.v_caches.append(v)
+
+    def _prepare(self, out: SchedulerOutput):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        token_slots: list[int] = []
+        seq_lens: list[int] = []
+        qsl = [0]
+        logits_rows: list[int] = []
+        for s in out.scheduled:
+            seq, n = s.seq, s.num_new_tokens
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[start:start + n])
+            pos = range(start, start + n)
+            positions.extend(pos)
+            table = seq.block_table
+            slot_mapping.extend(table[p // bs] * bs + p % bs for p in pos)
+            token_slots.extend([seq.lora_slot] * n)
+            seq_lens.append(start + n)
+            qsl.append(qsl[-1] + n)
+            if s.sample:
+                logits_rows.append(qsl[-1] - 1)
+        width = max(len(s.seq.block_table) for s in out.scheduled)
+        tables = [s.seq.block_table + [-1] * (width - len(s.seq.block_table)) for s in out.scheduled]
+        dev = self.device
+
+        def t(x, dtype):
+            return torch.tensor(x, dtype=dtype, device=dev)
+
+        ctx = Context(slot_mapping=t(slot_mapping, torch.int64), block_tables=t(tables, torch.int32),
+                      seq_lens=t(seq_lens, torch.int32), query_start_loc=t(qsl, torch.int32))
+        if self.lora_pool is not None and any(x >= 0 for x in token_slots):
+            # the pool size bounds the number of token tiles, and so the LoRA kernels' launch grids
+            ctx.lora_meta = dispatch.make_lora_meta(t(token_slots, torch.int32),
+                                                    num_slots=self.lora_pool.rank.shape[0])
+            ctx.lora_pool = self.lora_pool
+            if self.collect_influence:
+                ctx.influence_sum = torch.zeros(len(input_ids), dtype=torch.float32, device=dev)
+        return t(input_ids, torch.long), t(positions, torch.long), ctx, logits_rows, qsl
+
+    @torch.inference_mode()
+    def run(self, out: SchedulerOutput) -> StepResult:
+        input_ids, positions, ctx, rows, qsl = self._prepare(out)
+        set_context(ctx)
+        try:
+            hidden = self.model(input_ids, positions)
+        finally:
+            reset_context()
+        influence = [0.0] * len(out.scheduled)
+        if ctx.influence_sum is not None and ctx.influence_count:
+            per_token = (ctx.influence_sum / ctx.influence_count).cpu()
+            sums = torch.segment_reduce(per_token, "sum", offsets=torch.tensor(qsl)) if len(qsl) > 1 else []
+            influence = [float(x) for x in sums]
+        if not rows:
+            return StepResult(None, None, influence)
+        logits = self.model.compute_logits(hidden[rows])
+        sampling = [s.seq for s in out.scheduled if s.sample]
+        sampled = self.sampler(logits, sampling)
+        return StepResult(sampled, logits.float() if self.keep_logits else None, influence)

@@ -1,0 +1,123 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) as one plain network.
+
+Differences between the family members are data in ModelConfig: q/k/v bias (Qwen2), RoPE scaling
+(llama3), tied embeddings (SmolLM), grouped-query heads. Inputs are the flattened tokens of every
+sequence in the step ([T], no padding); per-sequence structure comes from the context.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.layers.attention import PagedAttention
+from engine.layers.linear import LoRALinear
+from engine.layers.rmsnorm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding, apply_rotary
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.qkv_proj = LoRALinear(cfg.hidden_size, [cfg.q_size, cfg.kv_size, cfg.kv_size],
+                                   ["q_proj", "k_proj", "v_proj"], layer_idx, bias=cfg.qkv_bias)
+        self.o_proj = LoRALinear(cfg.q_size, [cfg.hidden_size], ["o_proj"], layer_idx, bias=cfg.o_bias)
+        self.attn = PagedAttention(self.heads, self.kv_heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        # q and k sit side by side in the fused output: rotate them as one [T, H + Hkv, D] view
+        # (one rotary call per layer instead of two; decode speed on CPU is counted in ops)
+        qk = apply_rotary(qkv[:, :self.q_size + self.kv_size].view(t, self.heads + self.kv_heads, self.head_dim),
+                          cos, sin)
+        q, k = qk.split([self.heads, self.kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size:].view(t, self.kv_heads, self.head_dim)
+        o = self.attn(q, k, v)
+        return self.o_proj(o.reshape(t, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = LoRALinear(cfg.hidden_size, [cfg.intermediate_size] * 2, ["gate_proj", "up_proj"],
+                                       layer_idx, bias=cfg.mlp_bias)
+        self.down_proj = LoRALinear(cfg.intermediate_size, [cfg.hidden_size], ["down_proj"], layer_idx,
+                                    bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg, layer_idx)
+
+    def forward(self, h, residual, cos, sin):
+        if residual is None:
+            residual, h = h, self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(h, cos, sin)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings,
+                                      cfg.rope_theta, cfg.rope_scaling)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, hidden] (normalised)."""
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.tables(positions, h.dtype)
+        residual = None
+        for layer in self.layers:
+            h, residual = layer(h, residual, cos, sin)
+        h, _ = self.norm(h, residual)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head
+        return F.linear(hidden, w)
+
+    def checkpoint_mapping(self) -> dict[str, tuple[str, int, int]]:
+        """HF checkpoint name -> (our parameter, first row, rows); see engine.loader.load_weights."""
+        cfg = self.config
+        m: dict[str, tuple[str, int, int]] = {"model.embed_tokens.weight": ("embed_tokens.weight", 0, cfg.vocab_size),
+                                               "model.norm.weight": ("norm.weight", 0, cfg.hidden_size)}
+        if self.lm_head is not None:
+            m["lm_head.weight"] = ("lm_head", 0, cfg.vocab_size)
+        h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+        fused = {"self_attn.q_proj": ("self_attn.qkv_proj", 0, q), "self_attn.k_proj": ("self_attn.qkv_proj", q, kv),
+                 "self_attn.v_proj": ("self_attn.qkv_proj", q + kv, kv), "self_attn.o_proj": ("self_attn.o_proj", 0, h),
+                 "mlp.gate_proj": ("mlp.gate_up_proj", 0, i), "mlp.up_proj": ("mlp.gate_up_proj", i, i),
+                 "mlp.down_proj": ("mlp.down_proj", 0, h)}
+        for li in range(cfg.num_hidden_layers):
+            pre = f"model.layers.{li}"
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                m[f"{pre}.{norm}.weight"] = (f"layers.{li}.{norm}.weight", 0, h)
+            for src, (dst, row0, rows) in fused.items():
+                m[f"{pre}.{src}.weight"] = (f"layers.{li}.{dst}.weight", row0, rows)
+                has_bias = (cfg.qkv_bias and src[-6:] in ("q_proj", "k_proj", "v_proj")) or \
+                    (cfg.o_bias and src.endswith("o_proj")) or (cfg.mlp_bias and src.startswith("mlp."))
+                if has_bias:
+                    m[f"{pre}.{src}.bias"] = (f"layers.{li}.{dst}.bias", row0, rows)
+        return m

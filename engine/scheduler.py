@@ -1,0 +1,173 @@
+"""Who runs next: continuous batching under a token budget, with chunked prefill.
+
+Every step the scheduler hands the runner one `SchedulerOutput`. A sequence's work is simply "the
+tokens whose KV is not computed yet" (`len(seq) - num_computed_tokens`): a decode has one, a prefill
+has the prompt, a chunked prefill takes what the budget allows, a preempted sequence recomputes
+everything. Prefills and decodes of different adapters share the step.
+
+Order of business each step:
+1. Running sequences, oldest first, each gets its tokens (decodes first in effect, since they are
+   older). When the KV cache is full the youngest running sequence is preempted (blocks freed, back to
+   the front of the queue, recomputed later).
+2. Waiting sequences are admitted first-come-first-served while the token budget, `max_num_seqs`
+   and free KV blocks allow. A request whose adapter is still loading is skipped (its load goes on in
+   the background) without holding back the requests behind it; a request that does not fit the KV
+   cache stops admission, so later small requests cannot starve an earlier large one.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engine.block_manager import BlockManager
+from engine.errors import EngineError
+from engine.sequence import Sequence, SequenceStatus
+
+
+class AdapterSlots(Protocol):
+    """The part of engine.adapters.AdapterCache the scheduler needs."""
+
+    def request(self, ref) -> int | None: ...
+
+    def release(self, slot: int) -> None: ...
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int  # tokens of this step: token_ids[num_computed : num_computed + num_new_tokens]
+    sample: bool  # True when the step reaches the end of the known tokens: a new token is sampled
+
+
+@dataclass
+class SchedulerOutput:
+    # in batch order: the runner lays the tokens out in this order
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    # total tokens of the step (<= max_num_batched_tokens)
+    num_batched_tokens: int = 0
+    # sequences preempted in this step (their blocks were freed; they wait to be recomputed)
+    preempted: list[Sequence] = field(default_factory=list)
+    # waiting sequences skipped because their adapter is not resident yet
+    num_waiting_for_adapter: int = 0
+    # sequences ended because their adapter failed to load: (sequence, error message)
+    failed: list[tuple[Sequence, str]] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 adapters: AdapterSlots | None = None):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.adapters = adapters
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled_ids: set[int] = set()
+
+        # 1. running sequences, oldest first
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq) - seq.num_computed_tokens, budget)
+            while not self.bm.can_append(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # seq preempted itself; running[i] is now the next one
+            self.bm.append_slots(seq, n)
+            out.scheduled.append(self._entry(seq, n))
+            scheduled_ids.add(seq.seq_id)
+            budget -= n
+            i += 1
+
+        # 2. admission, FCFS; none after a preemption in this step (the cache is full)
+        if not out.preempted:
+            for seq in list(self.waiting):
+                if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                    break
+                try:
+                    acquired = self._acquire_slot(seq)
+                except EngineError as exc:  # the adapter's background load failed: end this request only
+                    self.finish(seq, "error")
+                    out.failed.append((seq, str(exc)))
+                    continue
+                if not acquired:
+                    out.num_waiting_for_adapter += 1
+                    continue
+                if not self.bm.can_allocate(seq):
+                    self._release_slot(seq)
+                    break
+                self.bm.allocate(seq)
+                n = min(len(seq) - seq.num_computed_tokens, budget)
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                out.scheduled.append(self._entry(seq, n))
+                budget -= n
+        out.num_batched_tokens = self.max_num_batched_tokens - budget
+        return out
+
+    def _entry(self, seq: Sequence, n: int) -> ScheduledSequence:
+        return ScheduledSequence(seq, n, sample=seq.num_computed_tokens + n == len(seq))
+
+    def postprocess(self, out: SchedulerOutput) -> None:
+        """Book the step's computed tokens (before new tokens are appended) and register full blocks."""
+        for s in out.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.bm.commit(s.seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence now (stop, length or abort): its blocks and adapter slot are freed at once."""
+        if seq.status == SequenceStatus.FINISHED:
+            return
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.bm.deallocate(seq)
+        self._release_slot(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        # Preemption by recompute: the KV is dropped and rebuilt from the tokens later. The adapter
+        # reference is dropped too, so a waiting sequence never pins a slot.
+        self.running.remove(seq)
+        self.bm.deallocate(seq)
+        self._release_slot(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _acquire_slot(self, seq: Sequence) -> bool:
+        if seq.adapter is None or seq.lora_slot >= 0:
+            return True
+        slot = self.adapters.request(seq.adapter)
+        if slot is None:
+            return False
+        seq.lora_slot = slot
+        return True
+
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.lora_slot >= 0:
+            self.adapters.release(seq.lora_slot)
+            seq.lora_slot = -1
