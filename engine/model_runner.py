@@ -73,20 +73,25 @@ class ModelRunner:
         width = max(len(s.seq.block_table) for s in out.scheduled)
         tables = [s.seq.block_table + [-1] * (width - len(s.seq.block_table)) for s in out.scheduled]
         dev = self.device
-
-        def t(x, dtype):
-            return torch.tensor(x, dtype=dtype, device=dev)
-
-        ctx = Context(slot_mapping=t(slot_mapping, torch.int64), block_tables=t(tables, torch.int32),
-                      seq_lens=t(seq_lens, torch.int32), query_start_loc=t(qsl, torch.int32))
+        # One host->device copy for the whole step (each torch.tensor(..., device=cuda) from a list is a
+        # copy plus a stream sync): int64 fields first, then the int32 ones, cast on the device at once.
+        T, B = len(input_ids), len(out.scheduled)
+        flat = input_ids + positions + slot_mapping + [v for row in tables for v in row] + seq_lens + qsl + token_slots
+        buf = torch.tensor(flat, dtype=torch.int64)
+        if buf.device != torch.device(dev):
+            buf = buf.to(dev)
+        ids_t, pos_t, slots_t = buf[:T], buf[T:2 * T], buf[2 * T:3 * T]
+        i32 = buf[3 * T:].to(torch.int32)
+        tables_t, seq_lens_t, qsl_t, token_slots_t = i32.split([B * width, B, B + 1, T])
+        ctx = Context(slot_mapping=slots_t, block_tables=tables_t.view(B, width), seq_lens=seq_lens_t,
+                      query_start_loc=qsl_t)
         if self.lora_pool is not None and any(x >= 0 for x in token_slots):
             # the pool size bounds the number of token tiles, and so the LoRA kernels' launch grids
-            ctx.lora_meta = dispatch.make_lora_meta(t(token_slots, torch.int32),
-                                                    num_slots=self.lora_pool.rank.shape[0])
+            ctx.lora_meta = dispatch.make_lora_meta(token_slots_t, num_slots=self.lora_pool.rank.shape[0])
             ctx.lora_pool = self.lora_pool
             if self.collect_influence:
-                ctx.influence_sum = torch.zeros(len(input_ids), dtype=torch.float32, device=dev)
-        return t(input_ids, torch.long), t(positions, torch.long), ctx, logits_rows, qsl
+                ctx.influence_sum = torch.zeros(T, dtype=torch.float32, device=dev)
+        return ids_t, pos_t, ctx, logits_rows, qsl
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> StepResult:
@@ -96,6 +101,12 @@ class ModelRunner:
             hidden = self.model(input_ids, positions)
         finally:
             reset_context()
+        sampled = logits = None
+        if rows:
+            logits = self.model.compute_logits(hidden[rows])
+            sampling = [s.seq for s in out.scheduled if s.sample]
+            sampled = self.sampler(logits, sampling)  # syncs: the sampled ids come back to the host
+        # read the influence sums only now, when the GPU has finished the step anyway
         influence = [0.0] * len(out.scheduled)
         if ctx.influence_sum is not None and ctx.influence_count:
             per_token = (ctx.influence_sum / ctx.influence_count).cpu()
@@ -103,7 +114,4 @@ class ModelRunner:
             influence = [float(x) for x in sums]
         if not rows:
             return StepResult(None, None, influence)
-        logits = self.model.compute_logits(hidden[rows])
-        sampling = [s.seq for s in out.scheduled if s.sample]
-        sampled = self.sampler(logits, sampling)
         return StepResult(sampled, logits.float() if self.keep_logits else None, influence)

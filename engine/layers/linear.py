@@ -63,10 +63,12 @@ class LoRALinear(nn.Module):
         delta = y.new_zeros(y.shape[0], sum(w for _, _, w in spans))
         dispatch.lora_expand(delta, h, b, pool.rank, pool.scale, ctx.lora_meta)
         if ctx.influence_sum is not None:
-            # Influence: how large each token's LoRA delta is next to the base output; one extra
-            # buffer and two norms per projection, cheap enough to leave on.
-            ratio = delta.float().norm(dim=-1) / y.float().norm(dim=-1).clamp_min(1e-6)
-            ctx.influence_sum += ratio
+            # Influence: how large each token's LoRA delta is next to the base output. The norms
+            # accumulate in float32 straight from the activations (no float copies) and one addcdiv_
+            # adds the ratio: four small kernels per projection beyond the delta buffer.
+            dn = torch.linalg.vector_norm(delta, dim=-1, dtype=torch.float32)
+            yn = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32).clamp_min_(1e-6)
+            ctx.influence_sum.addcdiv_(dn, yn)
             ctx.influence_count += 1
         if whole:
             return y.add_(delta)

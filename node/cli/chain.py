@@ -129,9 +129,10 @@ def _up(args, settings) -> int:
         node.proc = None  # leave it running; `chain down` stops it
         return 0
     _print_deployment(dep, node.url, now, args.json, extra)
-    if not args.json:
-        print("anvil running; Ctrl-C stops it (state is saved on the way out)", flush=True)
     try:
+        # the hint is printed inside the try: a Ctrl-C right after reading it must still stop cleanly
+        if not args.json:
+            print("anvil running; Ctrl-C stops it (state is saved on the way out)", flush=True)
         while node.running():
             time.sleep(0.5)
         raise ChainError(f"anvil exited unexpectedly; see {node.log_file}")
