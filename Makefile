@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 export PATH := $(CURDIR)/$(BIN):$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup venv npm model chromium test pytest contracts-test contracts-build contracts-invariant-long reliability-table demo clean
+.PHONY: setup venv npm model chromium test pytest contracts-test contracts-build contracts-invariant-long reliability-table pytest-postgres demo clean
 
 setup: $(STAMP) $(NPM_STAMP)
 
@@ -40,7 +40,12 @@ chromium:
 pytest: setup model chromium
 	$(BIN)/python -m pytest -q
 
-test: setup model contracts-test pytest
+# the ledger and migration tests again on a throwaway PostgreSQL (Debian package, installed when missing);
+# test_poa.py touches no database, so it runs only in the SQLite pass
+pytest-postgres: setup
+	bash scripts/with-postgres.sh $(BIN)/python -m pytest -q tests/attribution tests/migrations --ignore=tests/attribution/test_poa.py
+
+test: setup model contracts-test pytest pytest-postgres
 
 # the invariant suites with many more runs (minutes; not part of `make test`)
 contracts-invariant-long: $(NPM_STAMP)

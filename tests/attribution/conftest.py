@@ -1,17 +1,24 @@
-"""Fixtures: a real SQLite ledger file migrated with the real Alembic revisions (migrated once per
-session into a template, then copied per test so each test starts from a clean file)."""
+"""Fixtures: a real ledger database migrated with the real Alembic revisions (migrated once per
+session into a template, then copied per test so each test starts clean). SQLite files by default;
+PostgreSQL databases when OPENLORA_TEST_DATABASE_URL is set (scripts/with-postgres.sh), see
+tests/migrations/ledger_databases.py. `sqlite_db` is always SQLite, for the SQLite-only tests."""
 
 from __future__ import annotations
 
 import datetime as dt
-import shutil
-from pathlib import Path
 
 import pytest
 from eth_account import Account
 
 from attribution.db import open_database
 from attribution.ledger import AdapterInfo, AdapterUse, FinishedRequest, Ledger, LedgerConfig
+
+from ..migrations.ledger_databases import (  # noqa: F401  (fixtures)
+    SqliteDatabases,
+    db_url,
+    ledger_databases,
+    migrated_template,
+)
 
 NODE_ID = 1
 CHAIN_ID = 31337
@@ -23,25 +30,21 @@ T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 NODE_KEY = "0x" + "4c" * 32  # a fixed test key so receipts are reproducible
 
 
-@pytest.fixture(scope="session")
-def migrated_template(tmp_path_factory) -> Path:
-    from migrations import upgrade
-
-    path = tmp_path_factory.mktemp("ledger-template") / "ledger.db"
-    upgrade(f"sqlite:///{path}")
-    return path
-
-
-@pytest.fixture
-def db_url(tmp_path, migrated_template) -> str:
-    path = tmp_path / "ledger.db"
-    shutil.copy(migrated_template, path)
-    return f"sqlite:///{path}"
-
-
 @pytest.fixture
 def db(db_url):
     database = open_database(db_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def sqlite_db(tmp_path):
+    """A migrated SQLite ledger whatever the run's backend (for tests of SQLite-only behaviour)."""
+    from migrations import upgrade
+
+    url = SqliteDatabases(tmp_path).new()
+    upgrade(url)
+    database = open_database(url)
     yield database
     database.dispose()
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -65,20 +63,20 @@ def test_batch_root_proofs_debits_and_credits(ledger, db):
     assert len(second.leaves) == 2 and second.batch_id != plan.batch_id
 
 
-def test_same_unsettled_receipts_give_the_same_batch(ledger, db, db_url, tmp_path):
+def test_same_unsettled_receipts_give_the_same_batch(ledger, db, db_url, ledger_databases):
     alice = payer_account(1)
     costs = record_many(ledger, [alice], 5)
     give_voucher(ledger, alice, sum(costs[alice.address.lower()]))
-    copy = tmp_path / "copy.db"
-    db.dispose()
-    shutil.copy(db_url.removeprefix("sqlite:///"), copy)
-    other = open_database(f"sqlite:///{copy}")
+    db.dispose()  # no open connection while the database is copied
+    copy = ledger_databases.new(template=db_url)
+    other = open_database(copy)
     try:
         with db.reader.begin() as s1, other.reader.begin() as s2:
             assert plan_batch(s1, NODE_ID) == plan_batch(s2, NODE_ID)
         assert build_batch(db, NODE_ID) == build_batch(other, NODE_ID)
     finally:
         other.dispose()
+        ledger_databases.drop(copy)
 
 
 def test_database_refuses_a_receipt_in_two_batches(ledger, db):

@@ -74,7 +74,7 @@ def test_bad_input_is_a_ledger_error_and_writes_nothing(ledger, db, bad):
         assert s.scalar(select(func.count()).select_from(m.PayeeBalance)) == 0
 
 
-def test_concurrent_writers_on_one_sqlite_file_record_each_request_once(ledger, db_url, config):
+def test_concurrent_writers_on_one_database_record_each_request_once(ledger, db_url, config):
     # 4 threads, each with its own engine (as separate worker processes would), race on the same ids
     errors: list[BaseException] = []
     results: dict[str, set] = {}

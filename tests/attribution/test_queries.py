@@ -62,3 +62,31 @@ def test_rollups_plus_edges_equal_a_scan_of_the_raw_log(ledger, db):
             raw_cost = sum(s.scalars(select(u.cost_share).where(u.adapter_id == 1, u.finished_at >= a, u.finished_at < b)))
         got = usage_by_adapter(db, 1, a, b)
         assert (got.requests, got.prompt_tokens, got.cost) == (raw[0], raw[1], raw_cost)
+
+
+def test_costs_far_above_2_pow_64_are_recorded_and_summed_exactly(ledger, db):
+    """Amounts no 64-bit integer or float holds round-trip through the ledger, its hourly rollups and
+    its sums exactly (SQLite: decimal strings + u256_sum; PostgreSQL: NUMERIC(78, 0) + SUM)."""
+    from attribution.ledger import AdapterInfo
+    from attribution.pricing import request_cost
+
+    price = 10**40 + 7  # per 1M tokens: one request costs about 10**36 base units
+    ledger.upsert_adapter(AdapterInfo(3, "0x" + "a3" * 20, price_per_m_input=price, price_per_m_output=3 * price,
+                                      owner_bps=6000, contributors_bps=0, operator_bps=4000))
+    # three requests in the first hour, one in the second, one in the third: whole hours come from the
+    # rollups, the partial edges from the raw log, so both paths carry big numbers
+    times = [T0 + dt.timedelta(minutes=5), T0 + dt.timedelta(minutes=30), T0 + dt.timedelta(minutes=59),
+             T0 + dt.timedelta(hours=1, minutes=10), T0 + dt.timedelta(hours=2, minutes=1)]
+    recorded = [ledger.record(make_request(100 + i, adapters=(AdapterUse(3),), prompt=123 + i, completion=45, when=t))
+                for i, t in enumerate(times)]
+    costs = [r.cost for r in recorded]
+    assert all(c > 2**118 for c in costs) and len(set(costs)) == len(costs)
+    assert costs == [request_cost(123 + i, 45, price, 3 * price) for i in range(5)]  # exact integer pricing
+    usage = usage_by_adapter(db, 3, T0 + dt.timedelta(minutes=1), T0 + dt.timedelta(hours=2, minutes=30))
+    assert usage.requests == 5 and usage.cost == sum(costs)
+    whole_hours = usage_by_adapter(db, 3, T0, T0 + dt.timedelta(hours=2))
+    assert whole_hours.cost == sum(costs[:4])
+    assert usage_by_payer(db, PAYER, T0, T0 + dt.timedelta(hours=3)).cost == sum(costs)
+    owner = rewards(db, "0x" + "a3" * 20)
+    owner_credits = sum(a for r in recorded for (payee, role, _, a) in r.credits if role == "owner")
+    assert owner.pending == owner_credits and owner_credits > 2**64
