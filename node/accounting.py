@@ -7,7 +7,9 @@
                the node-signed receipt (attribution.ledger.Ledger.record), then the reservation goes;
     cancel     release the reservation; nothing billable is recorded.
 
-The receipt id handed back is the ledger's request id (`GET /v1/receipts/{id}`).
+The receipt id handed back is the ledger's request id (`GET /v1/receipts/{id}`). It is fixed at authorize
+time (Ticket.receipt_id) because answers go out before they are booked; `wait_booked(id)` lets the
+receipts route wait for a booking still in flight instead of answering 404.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class LedgerAccountant:
         self.node_id = ledger.config.node_id
         # node.attribution_worker.AttributionWorker, or None: contributors' parts then go to adapter owners
         self.attributor = attributor
+        # receipt id -> set once its request is booked or released: GET /v1/receipts/{id} waits on it,
+        # because a non-streaming answer (with its receipt id) is sent before the request is booked
+        self._in_flight: dict[str, asyncio.Event] = {}
 
     # -- who pays ---------------------------------------------------------------------------------
 
@@ -119,12 +124,37 @@ class LedgerAccountant:
         rows = await asyncio.to_thread(self._adapter_rows, names)
         cost = self.max_cost(max_cost_hint, rows)
         reservation = await self.gate.reserve(payer, cost, voucher)
-        return Ticket(payer, model, {n: r.id for n, r in rows.items()}, cost, received, reservation)
+        ticket = Ticket(payer, model, {n: r.id for n, r in rows.items()}, cost, received, reservation)
+        self._in_flight[ticket.receipt_id] = asyncio.Event()
+        return ticket
+
+    async def wait_booked(self, receipt_id: str, timeout_s: float = 5.0) -> bool:
+        """Wait (at most `timeout_s`) while the request of `receipt_id` is authorized and not yet booked
+        or released. True when nothing is in flight for it any more (booked, released or never known)."""
+        event = self._in_flight.get(receipt_id)
+        if event is None:
+            return True
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _settled(self, ticket: Ticket) -> None:
+        event = self._in_flight.pop(ticket.receipt_id, None)
+        if event is not None:
+            event.set()
 
     async def complete(self, ticket: Ticket, usage: Usage) -> str:
         if ticket.closed:
             raise RuntimeError("ticket already completed or cancelled")
         ticket.closed = True
+        try:
+            return await self._complete(ticket, usage)
+        finally:
+            self._settled(ticket)
+
+    async def _complete(self, ticket: Ticket, usage: Usage) -> str:
         mix = self._mix(ticket, usage)
         shares = await self._contributor_shares(ticket, usage, mix)
         finished = dt.datetime.now(dt.UTC)
@@ -162,7 +192,10 @@ class LedgerAccountant:
 
     async def cancel(self, ticket: Ticket) -> None:
         ticket.closed = True
-        await self.gate.release(ticket.reservation)
+        try:
+            await self.gate.release(ticket.reservation)
+        finally:
+            self._settled(ticket)
 
     @staticmethod
     def _mix(ticket: Ticket, usage: Usage) -> tuple[AdapterUse, ...]:
@@ -306,6 +339,33 @@ def close_money(money: Money) -> None:
     money.ledger.db.dispose()
 
 
+def registry_metadata(money: Money) -> dict[str, dict]:
+    """adapter name -> its registry metadata, for every active adapter the registry sync mirrored into
+    the ledger (all registered for this node's base model): what GET /v1/models lists. An adapter whose
+    download failed verification is left out (it is never served). Amounts are decimal strings."""
+    sync = money.registry_sync
+    known = getattr(sync, "known", {}) if sync is not None else {}
+    refused = getattr(sync, "refused", {}) if sync is not None else {}
+    out: dict[str, dict] = {}
+    with money.db.reader.begin() as s:
+        # the row a request of this name is billed by (_adapter_rows: the highest active id)
+        for a in s.scalars(select(m.Adapter).where(m.Adapter.active.is_(True)).order_by(m.Adapter.id.desc())):
+            if not a.name or a.name in out or refused.get(a.name) == a.content_hash:
+                continue
+            reg = known.get(a.name)
+            out[a.name] = {
+                "adapter_id": int(a.id), "owner": a.owner,
+                "price_per_m_input": str(a.price_per_m_input), "price_per_m_output": str(a.price_per_m_output),
+                "revenue_split": {"owner_bps": a.owner_bps, "contributors_bps": a.contributors_bps,
+                                  "operator_bps": a.operator_bps},
+                "datanet_id": a.datanet_id, "content_hash": a.content_hash,
+                "uri": reg.uri if reg is not None and reg.adapter_id == a.id else None,
+                "version": reg.version if reg is not None and reg.adapter_id == a.id else None,
+                "synced_block": int(a.synced_block),
+            }
+    return out
+
+
 def open_services(settings, app):
     """The paid node's services for node.app (an async context manager)."""
     import contextlib
@@ -326,7 +386,15 @@ def open_services(settings, app):
                 engine.register_adapter(name, path)
             return True
 
+        async def registered_adapters() -> dict[str, dict]:
+            return await asyncio.to_thread(registry_metadata, money)
+
+        async def adapter_metadata(name: str) -> dict | None:
+            return (await registered_adapters()).get(name)
+
         app.state.resolve_unknown = resolve_unknown
+        app.state.registered_adapters = registered_adapters  # GET /v1/models: registered, not yet pulled
+        app.state.adapter_metadata = adapter_metadata
         try:
             yield
         finally:
@@ -336,4 +404,4 @@ def open_services(settings, app):
 
     return services()
 
-__all__ = ["LedgerAccountant", "Money", "Ticket", "build_money", "get_money", "open_services"]
+__all__ = ["LedgerAccountant", "Money", "Ticket", "build_money", "get_money", "open_services", "registry_metadata"]

@@ -7,8 +7,9 @@
 Each request carries `X-OpenLoRA-Voucher`: a voucher (docs/formats.md) whose cumulativeValue is what the
 payer has promised this node in total. Before the first request the helper asks the node
 (`GET /v1/payers/{address}`) for its node id, its EIP-712 domain and the voucher it already holds. The
-node answers 402 `voucher_too_low` with the value it needs ("... at least N") when a voucher does not
-cover the request's maximum cost; the helper then signs exactly N and retries once, and remembers the
+node answers 402 `voucher_too_low` with the value it needs (`error.required`, a decimal string; older nodes
+only said "... at least N" in the message) when a voucher does not cover the request's maximum cost; the
+helper then signs exactly N and retries once, and remembers the
 step per model, so the next request of that model pre-signs enough. A voucher only authorises: the node
 collects actual costs (never more than it signed receipts for), so signing the maximum is safe.
 
@@ -136,9 +137,14 @@ class VoucherAuth(httpx.Auth):
             err = response.json().get("error", {})
         except ValueError:
             return None
-        if err.get("code") != "voucher_too_low":
+        if not isinstance(err, dict) or err.get("code") != "voucher_too_low":
             return None
-        m = _AT_LEAST.search(err.get("message", ""))
+        required = err.get("required")  # the cumulative value to sign, a decimal string (or number)
+        if isinstance(required, int) and not isinstance(required, bool):
+            return required
+        if isinstance(required, str) and required.isdigit():
+            return int(required)
+        m = _AT_LEAST.search(err.get("message", ""))  # nodes from before `required`: read the prose
         return int(m.group(1)) if m else None
 
 

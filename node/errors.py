@@ -35,12 +35,15 @@ class ApiError(NodeError):
     error_type = "invalid_request_error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after: float | None = None):
+                 retry_after: float | None = None, extra: dict | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
         self.retry_after = retry_after
+        # machine-readable extension fields sent inside the error object next to OpenAI's four
+        # (e.g. a 402's `required` cumulative value and `node_id`)
+        self.extra = dict(extra or {})
 
 
 class BadRequest(ApiError):

@@ -280,23 +280,27 @@ class PaymentGate:
             bal = await self.balance(payer)
             need_cap = bal.billed + bal.reserved + max_cost
             cap = bal.voucher_cap
+            # the 402 body carries the amount to sign as a field (node.client reads it), not only in prose
+            short = {"required": str(need_cap), "node_id": self.node_id}
             if voucher is not None:
                 offered = voucher.voucher.cumulative_value
                 if offered < bal.voucher_cap:
                     raise PaymentRequired(
                         f"voucher cumulativeValue {offered} is below the latest accepted {bal.voucher_cap}; "
-                        f"sign a voucher for at least {need_cap}", code="voucher_too_low", param="cumulativeValue")
+                        f"sign a voucher for at least {need_cap}", code="voucher_too_low", param="cumulativeValue",
+                        extra=short)
                 cap = offered
             if cap < need_cap:
                 raise PaymentRequired(
                     f"voucher does not cover this request: cumulativeValue {cap}, needed at least {need_cap} "
                     f"(billed {bal.billed} + reserved {bal.reserved} + this request's maximum {max_cost})",
-                    code="voucher_too_low", param="cumulativeValue")
+                    code="voucher_too_low", param="cumulativeValue", extra=short)
             if bal.available < max_cost:
                 raise PaymentRequired(
                     f"insufficient escrow: available {max(bal.available, 0)} (escrow {bal.escrow}, thawing {bal.thawing}, "
                     f"unsettled {bal.unsettled}, reserved {bal.reserved}), this request may cost up to {max_cost}; "
-                    f"deposit to UsageSettlement for node {self.node_id}", code="insufficient_escrow")
+                    f"deposit to UsageSettlement for node {self.node_id}", code="insufficient_escrow",
+                    extra={"node_id": self.node_id, "available": str(max(bal.available, 0)), "max_cost": str(max_cost)})
             if voucher is not None:  # store_voucher keeps the newest and ignores a replay
                 try:
                     await asyncio.to_thread(store_voucher, self.db, self.domain, voucher.voucher, voucher.signature)

@@ -56,6 +56,8 @@ class RegistrySync:
         self._timer: threading.Timer | None = None
         self._stopped = threading.Event()
         self._synced_block: int | None = None
+        # the last registry state mirrored per adapter name (what GET /v1/models shows beyond the ledger: URI)
+        self.known: dict[str, RegisteredAdapter] = {}
 
     @classmethod
     def from_deployment(cls, w3, dep, ledger: Ledger, settings) -> RegistrySync:
@@ -92,6 +94,7 @@ class RegistrySync:
             price_per_m_output=a.price_per_m_output, owner_bps=a.owner_bps, contributors_bps=a.contributors_bps,
             operator_bps=a.operator_bps, datanet_id=a.datanet_id or None, name=a.name, content_hash=a.content_hash,
             active=a.active, synced_block=block))
+        self.known[a.name] = a
 
     def sync(self, *, download: bool = False) -> dict[str, str]:
         """Mirror every registered adapter; returns name -> state (mirrored, downloaded, present, refused, ...)."""

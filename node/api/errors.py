@@ -31,6 +31,12 @@ class ErrorDetail(BaseModel):
     type: str
     param: str | None = None
     code: str | None = None
+    # extensions, 402 only: `required` (decimal string: the cumulative voucher value to sign, with
+    # voucher_too_low), `node_id`; with insufficient_escrow also `available` and `max_cost`
+    required: str | None = None
+    node_id: int | None = None
+    available: str | None = None
+    max_cost: str | None = None
 
 
 class ErrorResponse(BaseModel):
@@ -56,20 +62,24 @@ _HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                429: "rate_limit_error", 503: "service_unavailable"}
 
 
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None,
+               extra: dict | None = None) -> dict:
+    """OpenAI's error object; `extra` adds extension fields beside its four (they never replace them)."""
+    error = {**(extra or {}), "message": message, "type": type_, "param": param, "code": code}
+    return {"error": error}
 
 
 def json_error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
-               headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+               headers: dict[str, str] | None = None, extra: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code, extra), status_code=status, headers=headers)
 
 
 def api_error_response(exc: ApiError) -> JSONResponse:
     headers = None
     if exc.retry_after is not None:
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
-    return json_error(exc.status_code, exc.message, exc.error_type, exc.param, exc.code, headers)
+    return json_error(exc.status_code, exc.message, exc.error_type, exc.param, exc.code, headers,
+                      getattr(exc, "extra", None))
 
 
 def engine_error_response(exc: EngineError) -> JSONResponse:

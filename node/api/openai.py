@@ -6,8 +6,9 @@ A request goes through the same steps whether it streams or not:
     2. tokenize and check sizes (413 prompt too large, 400 prompt + max_tokens past the context);
     3. refuse with 429 when the engine already holds max_queued_requests;
     4. accountant.authorize (401/402/404) reserves the maximum cost;
-    5. the engine runs it; on the end accountant.complete books it and returns the receipt id, on any
-       early end (client gone, engine error) accountant.cancel releases the reservation.
+    5. the engine runs it; on the end accountant.complete books it (after the last byte of the answer was
+       handed to the server, streaming or not: an answer never sent is never charged), on any early end
+       (client gone, engine error, the answer not sent) accountant.cancel releases the reservation.
 Steps 1-4 change nothing when they refuse. Extensions to OpenAI's shapes: `adapters` and `fusion` in
 requests; `receipt_id` in responses (and the X-OpenLoRA-Receipt header); usage on every stream's last
 chunk, whether or not stream_options.include_usage asked for it.
@@ -213,11 +214,20 @@ _GENERATE_ERRORS = error_responses(400, 401, 402, 404, 413, 422, 429, 503)
 @router.get("/models", response_model=ModelList, summary="The base model and every adapter this node serves",
             responses=error_responses(503))
 async def list_models(request: Request, engine: EngineDep, node: NodeDep) -> ModelList:
+    """The base model, the adapters the engine holds (`openlora.availability` "local") and, on a paid
+    node, every adapter registered on chain for this base model and not downloaded yet ("on_first_use":
+    pulled and verified on its first request), each with its registry metadata."""
+    registered = await _registered(request)
     cards = [_base_card(node, engine)]
+    local = set()
     for spec, tier, _slot, _refs, pinned in engine.adapters.list():
         if spec.path is None:  # cached fused mixes are not models a client can name
             continue
-        cards.append(await _adapter_card(request, node, spec, tier, pinned))
+        local.add(spec.name)
+        cards.append(await _adapter_card(request, node, spec, tier, pinned, registered))
+    for name, meta in sorted((registered or {}).items()):
+        if name not in local:
+            cards.append(_registered_card(node, name, meta))
     return ModelList(data=cards)
 
 
@@ -226,9 +236,12 @@ async def list_models(request: Request, engine: EngineDep, node: NodeDep) -> Mod
 async def retrieve_model(model_id: str, request: Request, engine: EngineDep, node: NodeDep) -> ModelCard:
     if model_id == node.model_id:
         return _base_card(node, engine)
+    registered = await _registered(request)
     for spec, tier, _slot, _refs, pinned in engine.adapters.list():
         if spec.path is not None and spec.name == model_id:
-            return await _adapter_card(request, node, spec, tier, pinned)
+            return await _adapter_card(request, node, spec, tier, pinned, registered)
+    if registered and model_id in registered:
+        return _registered_card(node, model_id, registered[model_id])
     raise NotFound(f"the model {model_id!r} does not exist on this node", param="model", code="model_not_found")
 
 
@@ -237,22 +250,49 @@ def _base_card(node, engine) -> ModelCard:
                      openlora={"kind": "base", "max_model_len": engine.max_model_len})
 
 
-async def _adapter_card(request: Request, node, spec, tier: str, pinned: bool) -> ModelCard:
+async def _registered(request: Request) -> dict[str, dict] | None:
+    """name -> registry metadata of every servable registered adapter (app.state.registered_adapters, set
+    by the paid node's services); None without a registry."""
+    hook = getattr(request.app.state, "registered_adapters", None)
+    if hook is None:
+        return None
+    try:
+        out = hook()
+        if inspect.isawaitable(out):
+            out = await out
+        return dict(out)
+    except Exception:  # the listing still shows what the engine holds
+        log.warning("registered adapters unavailable", exc_info=True)
+        return None
+
+
+def _registered_card(node, name: str, meta: dict) -> ModelCard:
+    return ModelCard(id=name, created=node.extras.get("started_at", 0), owned_by="openlora", parent=node.model_id,
+                     openlora={"kind": "adapter", "availability": "on_first_use", "registry": meta})
+
+
+async def _adapter_card(request: Request, node, spec, tier: str, pinned: bool,
+                        registered: dict[str, dict] | None = None) -> ModelCard:
     info: dict[str, Any] = {
-        "kind": "adapter", "rank": spec.rank, "lora_alpha": spec.alpha, "target_modules": list(spec.target_modules),
-        "content_hash": spec.content_hash, "tier": tier, "pinned": pinned,
+        "kind": "adapter", "availability": "local", "rank": spec.rank, "lora_alpha": spec.alpha,
+        "target_modules": list(spec.target_modules), "content_hash": spec.content_hash, "tier": tier,
+        "pinned": pinned,
     }
-    meta = getattr(request.app.state, "adapter_metadata", None)  # registry sync, when the node has one
-    if meta is not None:
-        try:
-            extra = meta(spec.name)
-            if inspect.isawaitable(extra):
-                extra = await extra
-        except Exception:  # registry metadata is decoration: never fail the listing on it
-            log.warning("registry metadata for %s unavailable", spec.name, exc_info=True)
-            extra = None
-        if extra:
-            info["registry"] = extra
+    extra = None
+    if registered is not None:
+        extra = registered.get(spec.name)
+    else:
+        meta = getattr(request.app.state, "adapter_metadata", None)  # registry metadata, when the node has it
+        if meta is not None:
+            try:
+                extra = meta(spec.name)
+                if inspect.isawaitable(extra):
+                    extra = await extra
+            except Exception:  # registry metadata is decoration: never fail the listing on it
+                log.warning("registry metadata for %s unavailable", spec.name, exc_info=True)
+                extra = None
+    if extra:
+        info["registry"] = extra
     return ModelCard(id=spec.name, created=node.extras.get("started_at", 0), owned_by="openlora",
                      parent=node.model_id, openlora=info)
 
@@ -490,9 +530,24 @@ async def _complete(request, plan, stream, engine, accountant, ticket, metrics, 
         raise EngineError(f"request {plan.request_id} ended unfinished")
     out = final.output
     usage = _usage(plan, out, arrival, first_at, final.at)
-    receipt = await _book(accountant, ticket, usage)
-    _observe(metrics, usage)
-    tok = engine.tokenizer
+    receipt = getattr(ticket, "receipt_id", None)  # known at authorize time: the answer goes out first
+    booked = not receipt
+    if booked:  # an accountant that learns the id only when booking: book, then answer
+        receipt = await _book(accountant, ticket, usage)
+        _observe(metrics, usage)
+    try:
+        body = _answer_body(plan, out, engine.tokenizer, usage, receipt, chat)
+        if booked:
+            return JSONResponse(body, headers={RECEIPT_HEADER: receipt})
+        return _AnswerThenBook(body, headers={RECEIPT_HEADER: receipt}, accountant=accountant, ticket=ticket,
+                               usage=usage, metrics=metrics)
+    except BaseException:
+        if not booked:  # no answer: nothing to book
+            await _cancel(accountant, ticket)
+        raise
+
+
+def _answer_body(plan: Plan, out, tok, usage: Usage, receipt: str, chat: bool) -> dict[str, Any]:
     body: dict[str, Any]
     if chat:
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -506,7 +561,45 @@ async def _complete(request, plan, stream, engine, accountant, ticket, metrics, 
         body = {"id": f"cmpl-{plan.request_id}", "object": "text_completion"}
     body.update(created=plan.created, model=plan.model, choices=choices, usage=_usage_body(usage),
                 receipt_id=receipt)
-    return JSONResponse(body, headers={RECEIPT_HEADER: receipt})
+    return body
+
+
+class _AnswerThenBook(JSONResponse):
+    """A non-streaming answer that is booked only once its body was handed to the server (as a stream is
+    booked after its last chunk): a node killed, or a client gone, before the answer went out charges
+    nobody. The receipt id in the body and header is the ticket's, fixed at authorize time.
+
+    Sent and then not booked (the ledger write failed, the process died): the node loses that request's
+    revenue, never the payer; the reservation is released either way."""
+
+    def __init__(self, content, *, headers, accountant, ticket, usage: Usage, metrics):
+        super().__init__(content, headers=headers)
+        self.accountant, self.ticket, self.usage, self.metrics = accountant, ticket, usage, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            if await Request(scope, receive).is_disconnected():
+                raise _ClientGone()
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": self.body})
+        except BaseException as exc:  # not delivered: release, book nothing
+            self.metrics.aborted.inc()
+            await _cancel(self.accountant, self.ticket)
+            if isinstance(exc, _ClientGone):
+                log.info("client gone before request %s's answer was sent; not charged", self.usage.request_id)
+                return
+            raise
+        with anyio.CancelScope(shield=True):  # sent: the booking must not be cut in half
+            try:
+                await _book(self.accountant, self.ticket, self.usage)
+            except Exception:  # _book logged it and released the reservation; the answer is out already
+                log.error("request %s was answered but not booked: its revenue is lost", self.usage.request_id)
+                return
+            _observe(self.metrics, self.usage)
+
+
+class _ClientGone(Exception):
+    pass
 
 
 async def _stream(plan, stream, engine, accountant, ticket, metrics, arrival, chat) -> AsyncIterator[str]:
@@ -592,7 +685,7 @@ def _finish(c) -> str:
 
 async def _book(accountant, ticket, usage: Usage) -> str:
     """accountant.complete; if it fails the request is not charged: the reservation is released once
-    here and the client gets a 500-class error instead of a receipt."""
+    here and BookingFailed raised (a stream sends it as its last event; a sent answer only logs it)."""
     try:
         return await accountant.complete(ticket, usage)
     except ApiError:

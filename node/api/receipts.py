@@ -1,4 +1,9 @@
-"""`GET /v1/receipts/{id}`: the node-signed EIP-712 receipt of a request and, once batched, its Merkle proof."""
+"""`GET /v1/receipts/{id}`: the node-signed EIP-712 receipt of a request and, once batched, its Merkle proof.
+
+A non-streaming answer carries its receipt id and is sent before the request is booked (a payer is never
+charged for an answer that was not sent), so a client asking right after the answer may arrive while the
+booking runs: the route waits for a booking in flight for that id (at most BOOKING_WAIT_S), then answers.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from node.errors import NotFound
 
 router = APIRouter(tags=["receipts"])
 MoneyDep = Annotated[Money, Depends(get_money)]
+BOOKING_WAIT_S = 5.0
 
 
 def receipt_document(money: Money, receipt_id: str) -> dict:
@@ -46,4 +52,7 @@ def receipt_document(money: Money, receipt_id: str) -> dict:
 async def get_receipt(receipt_id: str, money: MoneyDep) -> dict:
     if not 0 < len(receipt_id) <= 128:
         raise NotFound("no such receipt", param="receipt_id")
+    wait = getattr(money.accountant, "wait_booked", None)
+    if wait is not None:
+        await wait(receipt_id, BOOKING_WAIT_S)
     return await asyncio.to_thread(receipt_document, money, receipt_id)

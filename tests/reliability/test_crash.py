@@ -37,6 +37,9 @@ class Client(threading.Thread):
                 "max_tokens": 12, "stream": True, "temperature": 0}
         with httpx.Client(timeout=30) as c:
             while not self.stop.is_set():
+                if self.plain:
+                    self.one_plain(c, {**body, "stream": False})
+                    continue
                 rid, delivered, receipt = None, False, None
                 try:
                     with c.stream("POST", self.url + "/v1/chat/completions", json=body,
@@ -59,6 +62,28 @@ class Client(threading.Thread):
                         self.seen[rid] = {"delivered": delivered, "receipt": receipt}
                 if rid and not receipt:  # the node died under this request
                     return
+
+    plain = False
+
+    def one_plain(self, c: httpx.Client, body: dict) -> None:
+        """A non-streaming request: its answer (with the receipt id) is sent before it is booked, so a kill
+        in between leaves an answered request without a receipt (the node's loss), never the reverse."""
+        try:
+            r = c.post(self.url + "/v1/chat/completions", json=body, headers={VOUCHER_HEADER: self.header})
+        except httpx.TransportError:
+            time.sleep(0.05)
+            return
+        if r.status_code != 200:
+            time.sleep(0.05)
+            return
+        rid = r.headers["x-openlora-receipt"]
+        assert r.json()["receipt_id"] == rid and r.json()["choices"][0]["finish_reason"]
+        with self.lock:
+            self.seen[rid] = {"delivered": True, "receipt": None, "answered": rid}
+
+
+class PlainClient(Client):
+    plain = True
 
 
 def _settle_cli(env, timeout):
@@ -83,7 +108,8 @@ def test_kill9_while_serving_and_settling_keeps_the_books_exact(chain, tiny_llam
     for rnd in range(ROUNDS):
         node = NodeProcess(env, tmp_path / f"node-{rnd}.log").wait_ready()
         stop = threading.Event()
-        clients = [Client(node.url, header, seen, lock, stop) for _ in range(CLIENTS)]
+        # half stream, half ask for plain (non-streaming) answers
+        clients = [(PlainClient if i % 2 else Client)(node.url, header, seen, lock, stop) for i in range(CLIENTS)]
         for c in clients:
             c.start()
         delay = rng.uniform(1.0, 4.0)
@@ -115,17 +141,23 @@ def test_kill9_while_serving_and_settling_keeps_the_books_exact(chain, tiny_llam
     # no receipt for a request whose client did not receive every token (its finish_reason)
     undelivered = {rid for rid, v in seen.items() if not v["delivered"]}
     assert not (ledger_ids & undelivered), ledger_ids & undelivered
-    assert ledger_ids <= set(seen), "a receipt for a request no client made"
+    # a receipt only for an answer a client received: a plain answer is booked after it was sent, so a
+    # kill between answer and booking may lose the node that receipt, never charge an unanswered request
+    assert ledger_ids <= set(seen), "a receipt for a request no client received"
+    answered = {rid for rid, v in seen.items() if v.get("answered")}
     totals = check_settled_books(chain, rows, [payer])
     bal = chain.settlement.functions.escrowOf(chain.w3.to_checksum_address(payer), chain.node_id).call()
     assert bal[0] == 10**12 - totals["billed"]
-    interrupted = len([v for v in seen.values() if not v["receipt"]])
+    assert answered, "no plain answer before the kills"
+    interrupted = len([v for v in seen.values() if not v["receipt"] and not v.get("answered")])
+    unbooked = len(answered - ledger_ids)
     record("crash", "kill -9 of the node while serving and settling",
-           f"{ROUNDS} SIGKILLs at random times ({', '.join(map(str, kills))} s) under {CLIENTS} streaming clients, "
-           f"background settlement every 1 s",
-           f"{len(completed)} completed requests, {interrupted} cut off; {totals['receipts']} receipts in "
-           f"{totals['batches']} batches, each in exactly one confirmed batch; on-chain collected = ledger billed "
-           f"({totals['billed']}); claimable = ledger credits; no receipt for an undelivered answer")
+           f"{ROUNDS} SIGKILLs at random times ({', '.join(map(str, kills))} s) under {CLIENTS // 2} streaming and "
+           f"{CLIENTS - CLIENTS // 2} non-streaming clients, background settlement every 1 s",
+           f"{len(completed)} streams and {len(answered)} plain answers completed, {interrupted} streams cut off; "
+           f"{totals['receipts']} receipts in {totals['batches']} batches, each in exactly one confirmed batch; "
+           f"on-chain collected = ledger billed ({totals['billed']}); claimable = ledger credits; no receipt for "
+           f"an undelivered answer ({unbooked} plain answers delivered but killed before booking: not charged)")
     record("crash", "kill -9 of `openlora settle --now`",
            "SIGKILL 2-5 s into a settlement run, then a second run",
            "second run confirmed every batch; no batch sent twice (contract refuses duplicates; chain totals equal the ledger)")

@@ -4,11 +4,20 @@ uvicorn server with the tiny model and two PEFT adapters (dev mode)."""
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pytest
 
 MSG = [{"role": "user", "content": "Tell me about the sea."}]
+
+
+def _settled(acc, timeout: float = 5.0) -> None:
+    """Wait until every authorized request is booked or released (answers are booked after being sent)."""
+    deadline = time.monotonic() + timeout
+    while acc.authorized != acc.booked + acc.cancelled:
+        assert time.monotonic() < deadline, (acc.authorized, acc.booked, acc.cancelled)
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +180,7 @@ def test_fused_mix_extension(dev_node):
             mixes[fusion] = r.json()["choices"][0]["text"]
         assert mixes["linear"] != alpha
         # fused mixes are served and booked once per request; the dev accountant saw the weights
+        _settled(dev_node.node.accountant)  # an answer is booked just after it was sent
         usage = dev_node.node.accountant.completed[-1]
         assert [(a.name, a.weight) for a in usage.adapters] == [("alpha", 0.7), ("beta", 0.3)]
         assert usage.fusion == "dare"
@@ -212,6 +222,7 @@ def test_unknown_adapter_resolved_through_registry_hook(dev_node, tmp_path, tiny
             r = c.post("/v1/completions", json={"model": "gamma", "prompt": "Hi", "max_tokens": 2})
             assert r.status_code == 200, r.text
             acc = dev_node.node.accountant
+            _settled(acc)
             booked, cancelled = acc.booked, acc.cancelled
             r = c.post("/v1/completions", json={"model": "delta", "prompt": "Hi", "max_tokens": 2})
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
