@@ -172,32 +172,13 @@ class Credit:
         return (Web3.to_checksum_address(self.payee), self.amount)
 
 
-@dataclass(frozen=True)
-class Receipt:
-    """Receipt(bytes32 requestId,address payer,uint256 nodeId,uint256[] adapterIds,uint64 inputTokens,
-    uint64 outputTokens,uint256 cost,bytes32 attributionDigest,uint64 timestamp)."""
-
-    request_id: bytes
-    payer: str
-    node_id: int
-    adapter_ids: tuple[int, ...]
-    input_tokens: int
-    output_tokens: int
-    cost: int
-    attribution_digest: bytes
-    timestamp: int
-
-    def as_tuple(self) -> tuple:
-        return receipt_tuple(self)
-
-
 def voucher_tuple(v: Any) -> tuple:
     """The ABI tuple of a voucher-like object (payer, node_id, cumulative_value, timestamp)."""
     return (Web3.to_checksum_address(v.payer), int(v.node_id), int(v.cumulative_value), int(v.timestamp))
 
 
 def receipt_tuple(r: Any) -> tuple:
-    """The ABI tuple of a receipt-like object (this module's Receipt, or the ledger's ReceiptData)."""
+    """The ABI tuple of a receipt-like object (the ledger's attribution.receipts.ReceiptData)."""
     return (b32(r.request_id), Web3.to_checksum_address(r.payer), int(r.node_id), [int(a) for a in r.adapter_ids],
             int(r.input_tokens), int(r.output_tokens), int(r.cost), b32(r.attribution_digest), int(r.timestamp))
 
