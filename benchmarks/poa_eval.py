@@ -84,21 +84,26 @@ def prepare(name: str, args, model, tok, log) -> dict:
 
     held = [json.loads(line) for line in (REPO / "tests" / "attribution" / "data" / HELDOUT[name]).read_text().splitlines()]
     held_ex = [tokenize_chat(tok, h["prompt"], h["response"]) for h in held]
+    # sketches are saved after every checkpoint of every set, so an interrupted run resumes
     sk_path = cache / "sketches.pt"
-    if sk_path.exists():
-        sk = torch.load(sk_path)
-    else:
-        sk = {}
-        for what, exs in (("train", examples), ("heldout", held_ex)):
+    sk = torch.load(sk_path) if sk_path.exists() else {}
+    for what, exs in (("train", examples), ("heldout", held_ex)):
+        if what in sk:
+            continue
+        for k, lora in enumerate(ckpts):
+            key = f"{what}:{k}"
+            if key in sk:
+                continue
             t = time.perf_counter()
-            out = torch.zeros(len(exs), len(ckpts), 2, args.dim)
-            for k, lora in enumerate(ckpts):
-                for i in range(0, len(exs), args.batch):
-                    for j, g in enumerate(batch_example_gradients(model, lora, exs[i:i + args.batch])):
-                        out[i + j, k] = split_sketch(g, projection)
-                    log(f"[{name}] {what} sketches: checkpoint {k + 1}/{len(ckpts)}, {min(i + args.batch, len(exs))}/{len(exs)}")
-            sk[what] = out
-            sk[what + "_s"] = time.perf_counter() - t
+            out = torch.zeros(len(exs), 2, args.dim)
+            for i in range(0, len(exs), args.batch):
+                for j, g in enumerate(batch_example_gradients(model, lora, exs[i:i + args.batch])):
+                    out[i + j] = split_sketch(g, projection)
+                log(f"[{name}] {what} sketches: checkpoint {k + 1}/{len(ckpts)}, {min(i + args.batch, len(exs))}/{len(exs)}")
+            sk[key], sk[key + ":s"] = out, time.perf_counter() - t
+            torch.save(sk, sk_path)
+        sk[what] = torch.stack([sk[f"{what}:{k}"] for k in range(len(ckpts))], dim=1)  # [N, K, 2, d]
+        sk[what + "_s"] = sum(sk[f"{what}:{k}:s"] for k in range(len(ckpts)))
         torch.save(sk, sk_path)
     timings["index_s"] = sk["train_s"]
     timings["request_s"] = sk["heldout_s"] / len(held)

@@ -25,14 +25,16 @@ class LoRALinear(nn.Module):
         self.layer_idx = layer_idx
         self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features))
         self.bias = nn.Parameter(torch.zeros(sum(out_sizes))) if bias else None
-        self._slice_key: int | None = None
+        self._slice_key: tuple[str, ...] | None = None
         self._slice_cache: tuple = ([], [])
 
     def _slices(self, pool) -> tuple[list[str], list[tuple[int, int, int]]]:
         """Modules of this projection the pool holds, and (y column, delta column, width) of each.
 
         A pool built for a subset of target modules (say q and v only) leaves the other slices alone."""
-        key = id(pool)
+        # keyed by the modules the pool holds (all the slices depend on), not by id(pool): a new pool
+        # may reuse a freed pool's id while holding other modules
+        key = tuple(pool.lora_a)
         if self._slice_key != key:
             mods, spans, col, dcol = [], [], 0, 0
             for m, out in zip(self.modules_, self.out_sizes):

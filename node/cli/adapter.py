@@ -311,6 +311,8 @@ def _train(args, settings) -> int:
     print(f"attribution index: {report.adapter_dir / INDEX_FILE} "
           f"({len(report.contributors)} contributors: "
           + ", ".join(f"{a} x{n}" for a, n in report.contributors.items()) + ")")
+    print(f"attribution:       TracIn over {min(args.attribution_checkpoints, cfg.steps)} training checkpoints "
+          f"(one backward pass per checkpoint per scored request)")
     print(f"loss:              {report.losses[0]:.3f} -> {report.losses[-1]:.3f} "
           f"(mean of last 10: {sum(report.losses[-10:]) / len(report.losses[-10:]):.3f})")
     print(f"time:              training {report.train_seconds:.0f}s, index {report.index_seconds:.0f}s")
