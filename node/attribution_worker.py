@@ -5,9 +5,10 @@ For every adapter of a request whose registry entry names a Datanet, the worker
 1. takes the served request as a training example: the prompt's token ids followed by the generated
    ones, only the generated tokens labelled (engine.training.TokenizedExample);
 2. computes the gradient of their mean log-likelihood with respect to the adapter's LoRA tensors
-   (engine.training.example_gradients), at the adapter's served weights;
-3. sketches it with the adapter's own projection and scores it against the per-contributor index that
-   was published inside the adapter (attribution.poa.score_request, `attribution_index.safetensors`),
+   (engine.training.example_gradients) at each training checkpoint the adapter's index carries (the
+   last is the served adapter; node.cli.adapter.attribute_request);
+3. sketches them with the adapter's own projection and scores them against the per-contributor index
+   that was published inside the adapter (`attribution_index.safetensors`, TracIn over checkpoints),
    giving shares in basis points (positive influence only).
 
 The shares go into the ledger with the request (FinishedRequest.contributor_shares): the contributors'
@@ -55,10 +56,12 @@ def _init(model_dir: str, threads: int) -> None:
 
 
 def _adapter(folder: str, max_rank: int):
-    """(LoRAParams at the adapter's weights, its AttributionIndex), cached by folder and file times."""
+    """(the adapters to take gradients at, one per index checkpoint; the AttributionIndex), cached by
+    folder and file times."""
     from attribution.poa import AttributionIndex
     from engine.adapters.peft_format import parse_adapter, read_weights
     from engine.training import LoRAParams
+    from node.cli.adapter import checkpoint_adapters
 
     path = Path(folder)
     stamp = tuple((path / f).stat().st_mtime_ns for f in ("adapter_model.safetensors", INDEX_FILE))
@@ -70,19 +73,21 @@ def _adapter(folder: str, max_rank: int):
     dtype = next(model.parameters()).dtype
     lora = LoRAParams.from_weights(model.config, read_weights(parsed, dtype), dtype=dtype)
     index = AttributionIndex.load(path / INDEX_FILE)
-    _STATE["adapters"][folder] = (stamp, lora, index)
-    return lora, index
+    checkpoints = checkpoint_adapters(model, index, lora)
+    _STATE["adapters"][folder] = (stamp, checkpoints, index)
+    return checkpoints, index
 
 
 def _score(folder: str, prompt_ids: tuple[int, ...], output_ids: tuple[int, ...],
            max_rank: int) -> list[tuple[str, float, int]]:
-    from attribution.poa import score_request
-    from engine.training import TokenizedExample, example_gradients
+    from engine.training import TokenizedExample
+    from node.cli.adapter import attribute_request
 
-    lora, index = _adapter(folder, max_rank)
+    checkpoints, index = _adapter(folder, max_rank)
     example = TokenizedExample(tuple(prompt_ids) + tuple(output_ids), len(prompt_ids))
-    grads = example_gradients(_STATE["model"], lora, example)
-    return [(s.address, s.score, s.share_bps) for s in score_request(index, grads)]
+    # TracIn over the index's checkpoints: one backward pass per checkpoint (the last is the served adapter)
+    shares = attribute_request(_STATE["model"], index, checkpoints[-1], example, checkpoints)
+    return [(s.address, s.score, s.share_bps) for s in shares]
 
 
 # -- the node's side --------------------------------------------------------------------------------
