@@ -316,7 +316,10 @@ def test_forged_replayed_lowered_vouchers_and_forged_keys_are_refused(hostile_no
     other = chain.payer(deposit=10**9)
     body = {"model": BASE_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     with httpx.Client(base_url=server.url, timeout=60) as c:
-        assert c.post(CHAT, json=body, headers=voucher(chain, key, 10**6)).status_code == 200
+        first = c.post(CHAT, json=body, headers=voucher(chain, key, 10**6))
+        assert first.status_code == 200
+        # plain answers are booked just after the body is sent: fetching the receipt waits for that
+        assert c.get(f"/v1/receipts/{first.json()['receipt_id']}").status_code == 200
         before = counts(root)
         payer = Account.from_key(key).address
         dom = Domain(chain.chain_id, chain.settlement.address)
@@ -343,7 +346,9 @@ def test_forged_replayed_lowered_vouchers_and_forged_keys_are_refused(hostile_no
             assert r.status_code in (401, 402), (what, r.status_code, r.text)
         # a replay of the exact accepted voucher header pays only while it still covers billed + this request
         replay = voucher(chain, key, 10**6)
-        assert c.post(CHAT, json=body, headers=replay).status_code == 200
+        again = c.post(CHAT, json=body, headers=replay)
+        assert again.status_code == 200
+        assert c.get(f"/v1/receipts/{again.json()['receipt_id']}").status_code == 200
         bal = c.get(f"/v1/payers/{payer}").json()
         assert bal["voucher_cumulative_value"] == str(10**6)
     after = counts(root)
