@@ -109,6 +109,7 @@ def test_rpc_down_slow_or_erroring_keeps_serving_and_settles_after(faulty_node, 
         r2 = httpx.post(url, json=BODY, headers=nh, timeout=120)
         if mode == "slow":
             assert r2.status_code == 200
+            served["slow-newcomer"] = r2.json()["receipt_id"]
         else:  # never granted without reading the escrow: 503 with Retry-After, nothing reserved or booked
             assert r2.status_code == 503 and r2.json()["error"]["code"] == "escrow_unavailable", r2.text
             assert int(r2.headers["retry-after"]) >= 1
@@ -119,6 +120,8 @@ def test_rpc_down_slow_or_erroring_keeps_serving_and_settles_after(faulty_node, 
         st = httpx.get(server.url + "/v1/settlements", timeout=30).json()  # ledger-only route still answers
         assert st["node_id"] == chain.node_id
     proxy.mode = "ok"
+    for rid in served.values():  # answers are booked just after they are sent: wait for those bookings
+        assert httpx.get(f"{server.url}/v1/receipts/{rid}", timeout=30).status_code == 200
     states = settler_.settle_now(timeout_s=60, mine=lambda: mine(chain))
     assert states and all(s == "confirmed" for s in states.values()), states
     payer = Account.from_key(key).address

@@ -199,6 +199,8 @@ def test_settlement_receipt_proof_rewards_and_claim(node, chain):
     payer = chain.payer(deposit=10**9)
     r = paying_client(server, payer).chat.completions.create(model="pirate", messages=MESSAGES, max_tokens=4)
     rid = r.model_extra["receipt_id"]
+    # the answer is booked just after its body is sent; fetching the receipt waits for that booking
+    assert httpx.get(f"{server.url}/v1/receipts/{rid}").status_code == 200
     money = server.app.state.node.extras["money"]
     states = money.settler.settle_now(timeout_s=60)
     assert states and all(s == "confirmed" for s in states.values())
