@@ -27,26 +27,10 @@ from node.client import VoucherAuth
 from node.config import Settings
 from node.payments import VOUCHER_HEADER, encode_voucher_header, sign_voucher
 from node.registry import pack_adapter
+from paidnode import make_lora
 
 PASSWORD = "test password"
 MESSAGES = [{"role": "user", "content": "Say hello"}]
-
-
-def make_lora(base_dir, out, seed: int):
-    """A PEFT adapter for the tiny model with random (non-zero) A and B, written by peft itself."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    model.save_pretrained(out)
-    return out
 
 
 class Server:
