@@ -4,7 +4,8 @@ tests/engine/test_parity.py runs on the CPU only (and needs the cached SmolLM2 t
 its mixed-batch case on the GPU: a tiny random Llama (hidden 64, 2 layers, vocab 49152, tied), base +
 3 PEFT adapters made by PEFT (q/v rank 8; MLP rank 16; all seven projections rank 16), 4 prompts of 12
 tokens in one batch, 8 greedy tokens. Reports token agreement and the max relative L2 logit error per
-row over the steps before the row's first differing token.
+row over the steps before the row's first differing token, with the engine's CUDA graphs off and on;
+then a staggered workload (batches padded into several graph buckets) with graphs against without.
 
     python3 benchmarks/gpu_parity.py [--json FILE]
 """
@@ -58,7 +59,7 @@ def make_model(root: Path) -> tuple[Path, dict[str, Path]]:
     return model_dir, paths
 
 
-def run(dtype_name: str, model_dir: Path, paths: dict[str, Path], n_new: int = 8) -> dict:
+def run(dtype_name: str, model_dir: Path, paths: dict[str, Path], n_new: int = 8, graphs: bool = True) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -67,11 +68,7 @@ def run(dtype_name: str, model_dir: Path, paths: dict[str, Path], n_new: int = 8
     prompts = torch.randint(10, CFG["vocab_size"] - 10, (4, 12), generator=g).tolist()
     names = [None, "qv8", "mlp16", "all16"]
 
-    engine = build_engine(model_dir, EngineConfig(device="cuda", dtype=dtype_name, num_kv_blocks=256,
-                                                  num_lora_slots=4, max_lora_rank=16), random_weights=False)
-    for name, path in paths.items():
-        engine.register_adapter(name, path)
-        engine.adapters.load(name)
+    engine = _engine(model_dir, paths, dtype_name, graphs)
     engine.runner.keep_logits = True
     params = SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True)
     rids = [engine.add_request(p, params, a) for p, a in zip(prompts, names)]
@@ -86,6 +83,7 @@ def run(dtype_name: str, model_dir: Path, paths: dict[str, Path], n_new: int = 8
         for o in outs:
             if o.finished:
                 tokens[o.request_id] = o.token_ids
+    graph_steps = engine.runner.graph_steps
     engine.close()
     del engine
     torch.cuda.empty_cache()
@@ -114,8 +112,48 @@ def run(dtype_name: str, model_dir: Path, paths: dict[str, Path], n_new: int = 8
                          max_rel_logit_err=max(errs) if errs else None, first_step_rel_err=errs[0] if errs else None))
     del peft, hf
     torch.cuda.empty_cache()
-    return {"dtype": dtype_name, "rows": rows, "tokens_agree": sum(r["agree"] for r in rows),
-            "tokens_total": sum(r["of"] for r in rows)}
+    return {"dtype": dtype_name, "cuda_graphs": graphs, "graph_steps": graph_steps, "rows": rows,
+            "tokens_agree": sum(r["agree"] for r in rows), "tokens_total": sum(r["of"] for r in rows)}
+
+
+def _engine(model_dir: Path, paths: dict[str, Path], dtype_name: str, graphs: bool):
+    engine = build_engine(model_dir, EngineConfig(device="cuda", dtype=dtype_name, num_kv_blocks=256,
+                                                  num_lora_slots=4, max_lora_rank=16, max_num_seqs=16,
+                                                  cuda_graphs=graphs), random_weights=False)
+    for name, path in paths.items():
+        engine.register_adapter(name, path)
+        engine.adapters.load(name)
+    return engine
+
+
+def graphs_vs_eager(dtype_name: str, model_dir: Path, paths: dict[str, Path], n_new: int = 16) -> dict:
+    """The same staggered workload (a request joins every other step, so decode batches of 1..12 rows
+    pad into several buckets) with CUDA graphs and without: greedy tokens should be identical."""
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(10, CFG["vocab_size"] - 10, (5 + 3 * i,), generator=g).tolist() for i in range(12)]
+    names = [[None, "qv8", "mlp16", "all16"][i % 4] for i in range(12)]
+    params = SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True)
+    result = {}
+    for graphs in (False, True):
+        engine = _engine(model_dir, paths, dtype_name, graphs)
+        rids, done, step = [], {}, 0
+        while len(rids) < len(prompts) or engine.has_unfinished():
+            if len(rids) < len(prompts) and step % 2 == 0:
+                rids.append(engine.add_request(prompts[len(rids)], params, names[len(rids)]))
+            for o in engine.step():
+                if o.finished:
+                    done[o.request_id] = o.token_ids
+            step += 1
+        result[graphs] = ([done[r] for r in rids], engine.runner.graph_steps,
+                          len(engine.runner.graphs.graphs) if engine.runner.graphs else 0)
+        engine.close()
+        del engine
+        torch.cuda.empty_cache()
+    (eager, _, _), (graphed, steps, captured) = result[False], result[True]
+    agree = sum(a == b for x, y in zip(eager, graphed) for a, b in zip(x, y))
+    return {"dtype": dtype_name, "tokens_agree": agree, "tokens_total": sum(len(x) for x in eager),
+            "requests_identical": sum(x == y for x, y in zip(eager, graphed)), "requests": len(eager),
+            "graph_steps": steps, "graphs_captured": captured}
 
 
 def main() -> int:
@@ -127,13 +165,22 @@ def main() -> int:
     model_dir, paths = make_model(root)
     results = {"device": torch.cuda.get_device_name(), "runs": []}
     for dt in ("float32", "bfloat16"):
-        r = run(dt, model_dir, paths)
-        results["runs"].append(r)
-        print(f"{dt}: tokens {r['tokens_agree']}/{r['tokens_total']}")
+        for graphs in (False, True):
+            r = run(dt, model_dir, paths, graphs=graphs)
+            results["runs"].append(r)
+            print(f"{dt} (CUDA graphs {'on' if graphs else 'off'}, {r['graph_steps']} graph steps): "
+                  f"tokens {r['tokens_agree']}/{r['tokens_total']} vs transformers + PEFT")
         for row in r["rows"]:
             print(f"  {row['adapter']:6} {row['agree']}/{row['of']} first diff at {row['first_diff']}, "
                   f"max rel logit err (up to first diff) {row['max_rel_logit_err']:.2e}, "
                   f"first step {row['first_step_rel_err']:.2e}")
+    results["graphs_vs_eager"] = []
+    for dt in ("float32", "bfloat16"):
+        r = graphs_vs_eager(dt, model_dir, paths)
+        results["graphs_vs_eager"].append(r)
+        print(f"{dt} staggered, graphs vs eager: tokens {r['tokens_agree']}/{r['tokens_total']}, requests identical "
+              f"{r['requests_identical']}/{r['requests']}, {r['graph_steps']} graph steps, "
+              f"{r['graphs_captured']} graphs")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -187,6 +187,9 @@ class EngineConfig:
     host_adapter_bytes: int = 2 * 2**30
     enable_prefix_caching: bool = True
     collect_influence: bool = True
+    # CUDA only: pure-decode steps replay a CUDA graph captured per batch-size bucket (engine/cuda_graph.py)
+    cuda_graphs: bool = True
+    cuda_graph_max_batch: int = 256  # larger decode batches run eagerly
 
     def torch_dtype(self) -> torch.dtype:
         name = self.dtype or ("float32" if self.device == "cpu" else "bfloat16")
@@ -198,7 +201,8 @@ class EngineConfig:
         return dt
 
     def validate(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_lora_slots", "max_lora_rank"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_lora_slots", "max_lora_rank",
+                     "cuda_graph_max_batch"):
             if getattr(self, name) < 1:
                 raise EngineConfigError(f"EngineConfig.{name} must be >= 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

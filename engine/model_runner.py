@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.context import Context, reset_context, set_context
+from engine.cuda_graph import DecodeGraphs
 from engine.layers.sampler import SampleResult, Sampler
 from engine.models.llama import LlamaForCausalLM
 from engine.scheduler import SchedulerOutput
@@ -36,6 +37,9 @@ class ModelRunner:
         self.lora_pool = lora_pool
         self.collect_influence = collect_influence
         self.keep_logits = False  # tests read the logits of each sampled row
+        self.graphs: DecodeGraphs | None = None  # set by enable_decode_graphs
+        self.graph_steps = 0  # steps whose forward replayed a CUDA graph (or its CPU emulation)
+        self.eager_steps = 0
         cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -47,6 +51,18 @@ class ModelRunner:
             layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = k, v
             self.k_caches.append(k)
             self.v_caches.append(v)
+
+    def enable_decode_graphs(self, max_batch: int, max_model_len: int, emulate: bool = False,
+                             capture: bool = False) -> None:
+        """Replay CUDA graphs for pure-decode steps of up to `max_batch` sequences (engine/cuda_graph.py).
+        `emulate` runs the same padded static-buffer path eagerly, for CPU tests; `capture` captures every
+        bucket now instead of on first use."""
+        if not emulate and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        max_blocks = min(self.k_caches[0].shape[0], -(-max_model_len // self.block_size))
+        self.graphs = DecodeGraphs(self.model, self.lora_pool, max_batch, max_blocks, emulate=emulate)
+        if capture and not emulate:
+            self.graphs.capture_all(self.collect_influence)
 
     def _prepare(self, out: SchedulerOutput):
         bs = self.block_size
@@ -95,6 +111,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> StepResult:
+        if self.graphs is not None and self.graphs.accepts(out):
+            return self._run_graph(out)
+        self.eager_steps += 1
         input_ids, positions, ctx, rows, qsl = self._prepare(out)
         set_context(ctx)
         try:
@@ -112,6 +131,21 @@ class ModelRunner:
             per_token = (ctx.influence_sum / ctx.influence_count).cpu()
             sums = torch.segment_reduce(per_token, "sum", offsets=torch.tensor(qsl)) if len(qsl) > 1 else []
             influence = [float(x) for x in sums]
+        if not rows:
+            return StepResult(None, None, influence)
+        return StepResult(sampled, logits.float() if self.keep_logits else None, influence)
+
+    def _run_graph(self, out: SchedulerOutput) -> StepResult:
+        self.graph_steps += 1
+        hidden, influence_of = self.graphs.run(out, self.block_size, self.collect_influence)
+        rows = [i for i, s in enumerate(out.scheduled) if s.sample]
+        if len(rows) != len(out.scheduled):  # a one-token prefill chunk samples nothing
+            hidden = hidden[rows] if rows else None
+        sampled = logits = None
+        if rows:
+            logits = self.model.compute_logits(hidden)
+            sampled = self.sampler(logits, [s.seq for s in out.scheduled if s.sample])
+        influence = influence_of() if influence_of is not None else [0.0] * len(out.scheduled)
         if not rows:
             return StepResult(None, None, influence)
         return StepResult(sampled, logits.float() if self.keep_logits else None, influence)

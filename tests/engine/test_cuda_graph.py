@@ -1,0 +1,87 @@
+"""Decode steps through the CUDA-graph path: static buffers, padding to a bucket, one graph for any mix
+of adapters. On CPU the same path runs eagerly (`emulate`), so padding and buffer handling are checked
+against the plain path here. Real capture and replay are checked on the GPU by benchmarks/gpu_parity.py
+(graphs on vs off, and against transformers + PEFT): its tiny model needs no SmolLM2 tokenizer, which
+the device machine cannot download."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.cuda_graph import buckets
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+PROMPTS = ["The quick brown fox", "Once upon a time", "Hello there", "Why is the sky blue?", "1 2 3 4 5"]
+ADAPTERS = [None, "a4", "b8", "c16", "a4"]
+
+
+def _engine(model_dir, adapters, graphs: str, device: str = "cpu") -> LLMEngine:
+    eng = LLMEngine(model_dir, EngineConfig(device=device, num_kv_blocks=96, block_size=4, num_lora_slots=3,
+                                            max_lora_rank=16, max_num_seqs=8, cuda_graphs=graphs == "capture"))
+    for name, path in adapters.items():
+        eng.register_adapter(name, path)
+    if graphs == "emulate":
+        eng.runner.enable_decode_graphs(8, eng.max_model_len, emulate=True)
+    return eng
+
+
+def _staggered(eng: LLMEngine, params: SamplingParams):
+    """Requests arrive over several steps, so decode batches of 1..5 rows (3 buckets) are padded."""
+    ids, outs, step = [], {}, 0
+    while len(ids) < len(PROMPTS) or eng.has_unfinished():
+        if len(ids) < len(PROMPTS) and step % 2 == 0:
+            i = len(ids)
+            ids.append(eng.add_request(PROMPTS[i], params, adapter=ADAPTERS[i]))
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = o
+        step += 1
+    return [outs[i] for i in ids]
+
+
+def _tokens(outs):
+    return [o.completions[0].token_ids for o in outs]
+
+
+def test_buckets_cover_every_batch_size():
+    assert buckets(1) == [1]
+    assert buckets(8) == [1, 2, 4, 8]
+    assert buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+    b = buckets(256)
+    assert b[:5] == [1, 2, 4, 8, 16] and b[-1] == 256 and all(y - x <= 16 for x, y in zip(b, b[1:]))
+    b = buckets(600)
+    assert b[-4:] == [448, 512, 576, 600] and 256 in b and 320 in b and all(y - x <= 64 for x, y in zip(b, b[1:]))
+
+
+def test_emulated_graph_path_gives_the_plain_paths_tokens_logprobs_and_influence(tiny_llama_dir, tiny_adapters):
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
+    plain = _staggered(_engine(tiny_llama_dir, tiny_adapters, "off"), params)
+    eng = _engine(tiny_llama_dir, tiny_adapters, "emulate")
+    padded = _staggered(eng, params)
+    # the padded path really ran, next to eager prefill steps
+    assert eng.runner.graph_steps > 5 and eng.runner.eager_steps > 0
+    assert {k for k, _, _ in eng.runner.graphs.graphs} >= {1, 2, 4}
+    for a, b in zip(plain, padded):
+        assert a.completions[0].token_ids == b.completions[0].token_ids
+        for la, lb in zip(a.completions[0].logprobs, b.completions[0].logprobs):
+            assert la[0] == pytest.approx(lb[0], rel=1e-4, abs=1e-5)
+        assert a.influence.keys() == b.influence.keys()
+        for name in a.influence:
+            assert a.influence[name]["tokens"] == b.influence[name]["tokens"]
+            assert a.influence[name]["delta_ratio"] == pytest.approx(b.influence[name]["delta_ratio"], rel=1e-4)
+
+
+def test_sampling_with_seeds_is_unchanged_by_padding(tiny_llama_dir, tiny_adapters):
+    params = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=8, seed=7, ignore_eos=True)
+    plain = _staggered(_engine(tiny_llama_dir, tiny_adapters, "off"), params)
+    padded = _staggered(_engine(tiny_llama_dir, tiny_adapters, "emulate"), params)
+    assert _tokens(plain) == _tokens(padded)
+
+
+def test_cuda_graphs_refused_for_a_cpu_model(tiny_llama_dir, tiny_adapters):
+    eng = _engine(tiny_llama_dir, tiny_adapters, "off")
+    with pytest.raises(ValueError, match="CUDA"):
+        eng.runner.enable_decode_graphs(8, eng.max_model_len)
