@@ -6,13 +6,23 @@ of its weights reach a cache tier:
 1. `parse_adapter` checks the folder, the config and the safetensors *header* (key names, dtypes,
    shapes, byte extents, the byte cap) without reading a single tensor; then it reads the file once to
    compute the content hash and to check that every weight is finite.
-2. `read_weights` (run by the cache's loader) reads the file again, checks the bytes still hash to the
-   registered `content_hash` and turns the tensors into `AdapterWeights` in the pool dtype.
+2. `read_weights` (run by the cache's loader) reads the file again into one buffer, checks the bytes are
+   still the ones registered (see "Verification on load") and packs the tensors into one buffer in the
+   pool dtype (`engine.adapters.packed`), pinned when it feeds a CUDA pool.
 
 Content hash (`content_hash`): sha256 over
     b"openlora-adapter-v1\\n" + len(config) as 8-byte big-endian + canonical config + safetensors bytes
 where the canonical config is `json.dumps(config, sort_keys=True, separators=(",", ":"),
 ensure_ascii=False)` encoded as UTF-8. The length prefix keeps the two parts unambiguous.
+
+Verification on load: one sha256 stream runs at ~1.5-2 GB/s on one core, ~50 ms for an 8B-shape rank-16
+adapter, more than the whole disk -> GPU budget, and it cannot be split across cores. So registration,
+which computes `content_hash` from the file's bytes, also records a `FileDigest` of those same bytes: the
+sha256 of the canonical config and of every CHUNK_BYTES piece of the safetensors file. A load reads
+and hashes the chunks in parallel threads (os.preadv and hashlib release the GIL), then checks the size,
+the config digest and every chunk digest before any weight is unpacked: equal digests mean the bytes
+are the ones whose `content_hash` was registered. A ParsedAdapter without a FileDigest is checked
+against `content_hash` in full.
 
 Scaling follows PEFT: scale = lora_alpha / r, or lora_alpha / sqrt(r) with `use_rslora` (Kalajdzievski
 2023, rsLoRA). `rank_pattern` / `alpha_pattern` give a module its own r / alpha, matched with PEFT's rule
@@ -23,17 +33,23 @@ scale[slot] * B @ A is exactly the module's delta.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
+import os
 import re
 import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine.adapters.packed import ModuleBlock, PackedBuffer, PackedLayout, pack_pairs
 from engine.errors import AdapterError
 
 CONFIG_FILE = "adapter_config.json"
@@ -52,6 +68,7 @@ _KEY_RE = re.compile(
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 _MAX_CONFIG_BYTES = 1 << 20
+CHUNK_BYTES = 2 << 20  # read + verification chunk: ~40 per 8B-shape adapter, enough to spread over cores
 _MAX_HEADER_BYTES = 64 << 20
 # config fields that change what the adapter computes in ways the batched LoRA path cannot reproduce;
 # each must be absent, null, false or empty
@@ -129,6 +146,20 @@ class LoraEntry:
     scale: float
     a_key: str
     b_key: str
+    a_offset: int = -1  # byte offset of A's data from the start of the file (-1: unknown)
+    b_offset: int = -1
+    a_dtype: str = "F32"  # safetensors dtype names
+    b_dtype: str = "F32"
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """Digests of the bytes `content_hash` was computed from, checkable in parallel (module docstring)."""
+
+    file_bytes: int
+    config_sha256: str
+    chunk_bytes: int
+    chunks: tuple[str, ...]  # sha256 of each chunk_bytes piece of the safetensors file
 
 
 @dataclass(frozen=True)
@@ -136,6 +167,8 @@ class ParsedAdapter:
     spec: AdapterSpec
     entries: tuple[LoraEntry, ...]
     weights_path: Path
+    layout: PackedLayout | None = None  # the packed host layout of its weights (None: built on read)
+    digest: FileDigest | None = None  # None: read_weights checks content_hash in full
 
 
 @dataclass
@@ -150,10 +183,24 @@ class AdapterWeights:
     rank: int
     scale: float
     tensors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
+    packed: PackedBuffer | None = None  # when set, `tensors` are views into it and slot writes use it
 
     @property
     def nbytes(self) -> int:
+        if self.packed is not None:
+            return self.packed.nbytes
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.tensors.values())
+
+
+@dataclass
+class ReadTimings:
+    """Where disk -> host time goes (cumulative ms over reads)."""
+
+    reads: int = 0
+    read_ms: float = 0.0  # config + safetensors bytes into memory, chunks hashed as they land (parallel)
+    verify_ms: float = 0.0  # comparing size and digests with the registered ones
+    alloc_ms: float = 0.0  # the packed buffer's (pinned) allocation
+    pack_ms: float = 0.0  # copies + dtype conversion into the packed layout
 
 
 def canonical_config_bytes(config: dict) -> bytes:
@@ -236,8 +283,9 @@ def _check_config(config: dict, where: Path) -> tuple[int, float, bool]:
     return r, float(alpha), use_rslora
 
 
-def _read_header(path: Path, file_size: int, max_bytes: int) -> dict:
-    """Parse the safetensors header (8-byte little-endian length + JSON) and check every extent."""
+def _read_header(path: Path, file_size: int, max_bytes: int) -> tuple[dict, int]:
+    """Parse the safetensors header (8-byte little-endian length + JSON) and check every extent.
+    Returns the header and the byte offset where the data section starts."""
     if file_size < 8:
         raise AdapterError(f"{path}: not a safetensors file (too short)")
     with path.open("rb") as f:
@@ -271,7 +319,7 @@ def _read_header(path: Path, file_size: int, max_bytes: int) -> dict:
         end_max = max(end_max, end)
     if end_max != data_size:
         raise AdapterError(f"{path}: file size does not match the safetensors header")
-    return header
+    return header, 8 + n
 
 
 def _refusal_for_key(key: str) -> str:
@@ -317,7 +365,7 @@ def parse_adapter(
     if file_size > max_adapter_bytes:
         raise AdapterError(f"adapter {name!r}: {WEIGHTS_FILE} is {file_size} bytes, over the cap of "
                            f"{max_adapter_bytes} bytes")
-    header = _read_header(weights_path, file_size, max_adapter_bytes)
+    header, data_start = _read_header(weights_path, file_size, max_adapter_bytes)
 
     shapes = module_shapes(model_config)
     num_layers = int(model_config.num_hidden_layers)
@@ -369,15 +417,24 @@ def parse_adapter(
         if r > max_rank:
             raise AdapterError(f"adapter {name!r}: rank {r} (layer {layer} {module}) exceeds max_rank {max_rank}")
         alpha = _pattern_value(alpha_pattern, module_name, alpha_default)
-        entries.append(LoraEntry(module, layer, r, lora_scale(alpha, r, use_rslora), keys["A"], keys["B"]))
+        ha, hb = header[keys["A"]], header[keys["B"]]
+        entries.append(LoraEntry(module, layer, r, lora_scale(alpha, r, use_rslora), keys["A"], keys["B"],
+                                 data_start + ha["data_offsets"][0], data_start + hb["data_offsets"][0],
+                                 ha["dtype"], hb["dtype"]))
         nbytes += (r * fan_in + fan_out * r) * elt
 
     # the hash needs every byte, and reading them once lets us refuse NaN/inf now instead of in the loader
-    data = weights_path.read_bytes()
-    if len(data) != file_size:
+    try:
+        got = _read_chunks(weights_path, file_size, CHUNK_BYTES)
+    except OSError as e:
+        raise AdapterError(f"adapter {name!r}: cannot read {weights_path} ({e})") from None
+    if got is None:
         raise AdapterError(f"adapter {name!r}: {WEIGHTS_FILE} changed while it was being read")
-    digest = content_hash(config, data)
-    _tensors_from_bytes(name, data, entries)  # raises on non-finite values
+    raw, chunks = got
+    digest = content_hash(config, memoryview(raw.numpy()))
+    file_digest = FileDigest(file_size, _sha256(canonical_config_bytes(config)), CHUNK_BYTES, chunks)
+    _check_finite(name, raw, entries, shapes)
+    layout = PackedLayout.build(shapes, num_layers, {(e.module, e.layer): e.rank for e in entries})
 
     base = config.get("base_model_name_or_path")
     warnings = []
@@ -395,7 +452,8 @@ def parse_adapter(
         module_ranks=tuple((m, module_ranks[m]) for m in targets), warnings=tuple(warnings),
         file_bytes=file_size,
     )
-    return ParsedAdapter(spec=spec, entries=tuple(entries), weights_path=weights_path)
+    return ParsedAdapter(spec=spec, entries=tuple(entries), weights_path=weights_path, layout=layout,
+                         digest=file_digest)
 
 
 def _base_id(name: str) -> str:
@@ -403,39 +461,210 @@ def _base_id(name: str) -> str:
     return name.rstrip("/").rsplit("/", 1)[-1].lower()
 
 
-def _tensors_from_bytes(name: str, data: bytes, entries: tuple[LoraEntry, ...] | list[LoraEntry]) -> dict:
-    from safetensors.torch import load as st_load
+# --------------------------------------------------------------------------- reading the bytes
 
-    try:
-        tensors = st_load(data)
-    except Exception as e:  # the safetensors parser's own errors have no common base class
-        raise AdapterError(f"adapter {name!r}: {WEIGHTS_FILE} cannot be parsed ({e})") from None
+_WORKERS = max(1, min(16, os.cpu_count() or 1))
+_hash_pool: ThreadPoolExecutor | None = None
+_hash_pool_lock = threading.Lock()
+
+
+def _hasher() -> ThreadPoolExecutor:
+    global _hash_pool
+    with _hash_pool_lock:
+        if _hash_pool is None:
+            _hash_pool = ThreadPoolExecutor(max_workers=_WORKERS,
+                                            thread_name_prefix="adapter-hash")
+        return _hash_pool
+
+
+def _sha256(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+_scratch = threading.local()  # per thread: the largest file read so far, reused (no fresh pages per read)
+
+
+def _scratch_bytes(n: int) -> torch.Tensor:
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _scratch.buf = None  # drop the old one before allocating its successor
+        buf = _scratch.buf = torch.empty(n, dtype=torch.uint8)
+    return buf[:n]
+
+
+class _Truncated(Exception):
+    pass
+
+
+def _read_chunks(path: Path, expected_size: int, chunk: int) -> tuple[torch.Tensor, tuple[str, ...]] | None:
+    """The whole file in this thread's scratch buffer (valid until the thread's next read) and the sha256
+    of each `chunk`-byte piece, read and hashed in parallel. None when the file's size is not
+    `expected_size` (it changed since it was checked); a change during the read shows in the digests."""
+    with path.open("rb", buffering=0) as f:
+        fd = f.fileno()
+        if os.fstat(fd).st_size != expected_size:
+            return None
+        raw = _scratch_bytes(expected_size)
+        view = memoryview(raw.numpy())
+
+        def read_and_hash(start: int) -> str:
+            piece = view[start:start + chunk]
+            got = 0
+            while got < len(piece):
+                n = os.preadv(fd, [piece[got:]], start + got)
+                if not n:
+                    raise _Truncated
+                got += n
+            return _sha256(piece)
+
+        try:
+            digests = tuple(_hasher().map(read_and_hash, range(0, expected_size, chunk) or [0]))
+        except _Truncated:
+            return None
+        if os.fstat(fd).st_size != expected_size:
+            return None
+    return raw, digests
+
+
+def _typed(raw: torch.Tensor, offset: int, dtype_name: str, shape: tuple[int, int]) -> torch.Tensor:
+    """A [rows, cols] tensor over the file's bytes at `offset` (a view; a copy only when misaligned)."""
+    dtype = _DTYPES[dtype_name]
+    nbytes = shape[0] * shape[1] * _DTYPE_BYTES[dtype_name]
+    piece = raw[offset:offset + nbytes]
+    if offset % _DTYPE_BYTES[dtype_name]:
+        piece = piece.clone()  # safetensors does not promise alignment when dtypes are mixed
+    return piece.view(dtype).view(shape)
+
+
+def _entry_views(raw: torch.Tensor, e: LoraEntry, shape_a: tuple[int, int],
+                 shape_b: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _typed(raw, e.a_offset, e.a_dtype, shape_a), _typed(raw, e.b_offset, e.b_dtype, shape_b)
+
+
+def _check_finite(name: str, raw: torch.Tensor, entries: list[LoraEntry],
+                  shapes: dict[str, tuple[int, int]]) -> None:
     for e in entries:
-        for key in (e.a_key, e.b_key):
-            if not torch.isfinite(tensors[key]).all():
+        fan_in, fan_out = shapes[e.module]
+        for key, t in zip((e.a_key, e.b_key), _entry_views(raw, e, (e.rank, fan_in), (fan_out, e.rank))):
+            if not torch.isfinite(t).all():
                 raise AdapterError(f"adapter {name!r}: tensor {key!r} contains NaN or inf")
-    return tensors
 
 
-def read_weights(parsed: ParsedAdapter, dtype: torch.dtype, pin_memory: bool = False) -> AdapterWeights:
-    """Load a validated adapter into host memory; refuse it if the file changed since registration."""
+def _verify(parsed: ParsedAdapter, config: dict, raw: torch.Tensor, chunks: tuple[str, ...]) -> bool:
+    """Whether the bytes read are the ones registered (module docstring, "Verification on load")."""
+    d = parsed.digest
+    if d is None or d.chunk_bytes != CHUNK_BYTES:
+        return content_hash(config, memoryview(raw.numpy())) == parsed.spec.content_hash
+    return (raw.numel() == d.file_bytes and _sha256(canonical_config_bytes(config)) == d.config_sha256
+            and chunks == d.chunks)
+
+
+def _pack(parsed: ParsedAdapter, raw: torch.Tensor, packed: PackedBuffer) -> None:
+    """Copy every A/B from the file's bytes into the packed buffer, converting to its dtype; per-module
+    scales that differ from the slot scale are folded into B.
+
+    The usual case (file already in the pool dtype, every layer at the module's rank, one scale) is pure
+    address arithmetic and memcpy: no tensor object per weight, copies spread over the worker threads
+    with ctypes.memmove (which releases the GIL and, unlike torch copies issued from several threads,
+    starts no OpenMP teams that fight over the cores). Anything else goes through torch views and one
+    batched copy call."""
+    spec, layout, buf = parsed.spec, packed.layout, packed.buffer
+    elt, src_base, dst_base = buf.element_size(), raw.data_ptr(), buf.data_ptr()
+    blocks = {blk.module: blk for blk in layout.blocks}
+    fast: list[tuple[int, int, int]] = []  # (dst address, src address, bytes)
+    slow: list[tuple[LoraEntry, ModuleBlock, bool]] = []  # (entry, block, whole pair or B only)
+    for e in parsed.entries:
+        blk = blocks[e.module]
+        same_a = _DTYPES[e.a_dtype] == buf.dtype and e.rank == blk.rank
+        same_b = _DTYPES[e.b_dtype] == buf.dtype and e.rank == blk.rank and e.scale == spec.scale
+        if not same_a:
+            slow.append((e, blk, True))
+            continue
+        a_bytes, b_bytes = e.rank * blk.fan_in * elt, blk.fan_out * e.rank * elt
+        fast.append((dst_base + blk.a_offset * elt + e.layer * a_bytes, src_base + e.a_offset, a_bytes))
+        if same_b:
+            fast.append((dst_base + blk.b_offset * elt + e.layer * b_bytes, src_base + e.b_offset, b_bytes))
+        else:
+            slow.append((e, blk, False))
+    if fast:
+        parts = max(1, min(8, _WORKERS, len(fast) // 16))
+        list(_hasher().map(_memmove_all, [fast[i::parts] for i in range(parts)]))
+    if slow:
+        _pack_slow(spec, raw, packed, slow)
+
+
+def _memmove_all(pairs: list[tuple[int, int, int]]) -> None:
+    for d, s, n in pairs:
+        ctypes.memmove(d, s, n)
+
+
+def _pack_slow(spec: AdapterSpec, raw: torch.Tensor, packed: PackedBuffer,
+               entries: list[tuple[LoraEntry, ModuleBlock, bool]]) -> None:
+    """Dtype conversion, smaller-than-block ranks (rank_pattern) and per-module scales (alpha_pattern)."""
+    rows = {blk.module: (packed.a(blk).unbind(0), packed.b(blk).unbind(0)) for blk in packed.layout.blocks}
+    dst, src, scaled = [], [], []
+    for e, blk, with_a in entries:
+        a_layers, b_layers = rows[e.module]
+        a_src, b_src = _entry_views(raw, e, (e.rank, blk.fan_in), (blk.fan_out, e.rank))
+        a_dst, b_dst = a_layers[e.layer], b_layers[e.layer]
+        if e.rank != blk.rank:
+            a_dst, b_dst = a_dst[:e.rank], b_dst[:, :e.rank]
+        if with_a:
+            dst.append(a_dst)
+            src.append(a_src)
+        if e.scale != spec.scale:
+            scaled.append((b_dst, b_src, e.scale / spec.scale))
+        else:
+            dst.append(b_dst)
+            src.append(b_src)
+    if dst:
+        torch._foreach_copy_(dst, src)
+    for b_dst, b_src, ratio in scaled:  # scale in fp32 and round once, as PEFT's merge would
+        b_dst.copy_(b_src.to(torch.float32) * ratio)
+
+
+def read_weights(parsed: ParsedAdapter, dtype: torch.dtype, pin_memory: bool = False,
+                 timings: ReadTimings | None = None) -> AdapterWeights:
+    """Load a validated adapter into host memory; refuse it if the file changed since registration.
+    The weights are packed (`AdapterWeights.packed`); `tensors` are views into the packed buffer."""
     spec = parsed.spec
+    t0 = time.perf_counter()
     try:
-        data = parsed.weights_path.read_bytes()
         config = _read_config(parsed.weights_path.parent)
+        size = spec.file_bytes or parsed.weights_path.stat().st_size
+        got = _read_chunks(parsed.weights_path, size, CHUNK_BYTES)
     except OSError as e:
         raise AdapterError(f"adapter {spec.name!r}: cannot read {parsed.weights_path} ({e})") from None
-    if content_hash(config, data) != spec.content_hash:
+    t1 = time.perf_counter()
+    if got is None or not _verify(parsed, config, *got):
         raise AdapterError(f"adapter {spec.name!r} changed on disk since it was registered; register it again")
-    raw = _tensors_from_bytes(spec.name, data, parsed.entries)
-    tensors = {}
-    for e in parsed.entries:
-        a = raw[e.a_key].to(torch.float32)
-        b = raw[e.b_key].to(torch.float32)
-        if e.scale != spec.scale:
-            b = b * (e.scale / spec.scale)
-        a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
-        if pin_memory:
-            a, b = a.pin_memory(), b.pin_memory()
-        tensors[(e.module, e.layer)] = (a, b)
-    return AdapterWeights(content_hash=spec.content_hash, rank=spec.rank, scale=spec.scale, tensors=tensors)
+    t2 = time.perf_counter()
+    # NaN/inf were refused at registration and the bytes are the registered ones: no second scan
+    layout = parsed.layout
+    if layout is None:
+        raise AdapterError(f"adapter {spec.name!r}: no packed layout (parse it with parse_adapter)")
+    packed = PackedBuffer.allocate(layout, dtype, pin_memory)
+    t3 = time.perf_counter()
+    _pack(parsed, got[0], packed)
+    tensors = packed.pair_views((e.module, e.layer, e.rank) for e in parsed.entries)
+    if timings is not None:
+        t4 = time.perf_counter()
+        timings.reads += 1
+        timings.read_ms += (t1 - t0) * 1e3
+        timings.verify_ms += (t2 - t1) * 1e3
+        timings.alloc_ms += (t3 - t2) * 1e3
+        timings.pack_ms += (t4 - t3) * 1e3
+    return AdapterWeights(content_hash=spec.content_hash, rank=spec.rank, scale=spec.scale, tensors=tensors,
+                          packed=packed)
+
+
+def pack_weights(weights: AdapterWeights, shapes: dict[str, tuple[int, int]], num_layers: int,
+                 dtype: torch.dtype, pin_memory: bool = False) -> AdapterWeights:
+    """The same adapter with its tensors moved into one packed (pinned) buffer, so slot writes take the
+    few-copies path (fusion results, hand-built or synthetic weights)."""
+    if weights.packed is not None:
+        return weights
+    packed = pack_pairs(weights.tensors, shapes, num_layers, dtype, pin_memory)
+    ranks = [(m, layer, a.shape[0]) for (m, layer), (a, _) in weights.tensors.items()]
+    return AdapterWeights(content_hash=weights.content_hash, rank=weights.rank, scale=weights.scale,
+                          tensors=packed.pair_views(ranks), packed=packed)

@@ -4,6 +4,13 @@ Layout (docs/engine-kernels.md):
     lora_a[module][layer]: [num_slots, max_rank, in_features]   rows >= rank[slot] are zero
     lora_b[module][layer]: [num_slots, out_features, max_rank]  columns >= rank[slot] are zero
     rank: [num_slots] int32 (0 = empty)   scale: [num_slots] float32
+Storage: each module is ONE tensor over layers, a_stack[module] [num_layers, num_slots, max_rank, in] and
+b_stack[module] [num_layers, num_slots, out, max_rank]; lora_a[module][layer] / lora_b[module][layer] are
+views of it (contiguous, addresses fixed for the pool's life: CUDA graphs and the kernels' address tables
+rely on that, so pool tensors are only ever written in place). A slot of one module across all layers is
+then a single strided view, so writing an adapter is a few large copies per module, not four per layer:
+with packed weights (engine.adapters.packed) on CUDA, one host -> device copy into a staging buffer, then
+one device copy per A/B block (plus a zero of the padding ranks when the adapter's rank < max_rank).
 Bookkeeping follows nano-vllm's BlockManager: a free list, reference counts, `can_load` / `acquire` /
 `release`, and a slot with references is never handed to another adapter. Eviction takes the least
 recently used slot with no references whose adapter is not pinned.
@@ -17,6 +24,7 @@ from typing import Any
 
 import torch
 
+from engine.adapters.packed import PackedBuffer
 from engine.adapters.peft_format import AdapterWeights, module_shapes
 
 
@@ -38,8 +46,11 @@ class SlotPool:
     num_layers: int
     device: torch.device
     dtype: torch.dtype
-    lora_a: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    lora_a: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # per-layer views of a_stack
     lora_b: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    a_stack: dict[str, torch.Tensor] = field(default_factory=dict)  # [num_layers, num_slots, max_rank, in]
+    b_stack: dict[str, torch.Tensor] = field(default_factory=dict)  # [num_layers, num_slots, out, max_rank]
+    staging: torch.Tensor | None = None  # CUDA: device copy of one packed adapter (one slot's worth)
     rank: torch.Tensor = None
     scale: torch.Tensor = None
     slots: list[Slot] = field(default_factory=list)
@@ -52,12 +63,17 @@ class SlotPool:
         shapes = module_shapes(model_config)
         n_layers = int(model_config.num_hidden_layers)
         pool = cls(num_slots, max_rank, target_modules, n_layers, device, dtype)
+        slot_numel = 0
         for m in target_modules:
             fan_in, fan_out = shapes[m]
-            pool.lora_a[m] = [torch.zeros(num_slots, max_rank, fan_in, device=device, dtype=dtype)
-                              for _ in range(n_layers)]
-            pool.lora_b[m] = [torch.zeros(num_slots, fan_out, max_rank, device=device, dtype=dtype)
-                              for _ in range(n_layers)]
+            pool.a_stack[m] = torch.zeros(n_layers, num_slots, max_rank, fan_in, device=device, dtype=dtype)
+            pool.b_stack[m] = torch.zeros(n_layers, num_slots, fan_out, max_rank, device=device, dtype=dtype)
+            pool.lora_a[m] = list(pool.a_stack[m].unbind(0))
+            pool.lora_b[m] = list(pool.b_stack[m].unbind(0))
+            slot_numel += n_layers * max_rank * (fan_in + fan_out)
+        if device.type == "cuda":
+            # allocated now, with the pool, so that memory planning done after the cache exists sees it
+            pool.staging = torch.empty(slot_numel, device=device, dtype=dtype)
         pool.rank = torch.zeros(num_slots, dtype=torch.int32, device=device)
         pool.scale = torch.zeros(num_slots, dtype=torch.float32, device=device)
         pool.slots = [Slot(i) for i in range(num_slots)]
@@ -125,32 +141,67 @@ class SlotPool:
             stream.wait_event(ev)
 
     def write(self, index: int, weights: AdapterWeights, stream=None) -> None:
-        """Copy an adapter into a slot: zero the slot, copy each module's A/B into the leading rows/cols."""
+        """Copy an adapter into a slot: each module's A/B into the leading rows/cols, the rest zeroed."""
         assert weights.rank <= self.max_rank
+        if weights.packed is not None:
+            self._write_packed(index, weights.packed, stream)
+        else:
+            self._write_pairs(index, weights, stream)
+        self.rank[index] = weights.rank
+        self.scale[index] = weights.scale
+
+    def _write_packed(self, index: int, packed: PackedBuffer, stream) -> None:
+        src = packed.buffer
+        if self.staging is not None and src.device != self.device:
+            assert src.numel() <= self.staging.numel(), "packed adapter larger than a slot"
+            # the upload does not touch the slot, so it may overlap kernels still reading the old adapter
+            src = self.staging[:src.numel()]
+            src.copy_(packed.buffer, non_blocking=True)
         self._wait_release(index, stream)
         non_blocking = self.device.type == "cuda"
         for m in self.target_modules:
+            a_slot, b_slot = self.a_stack[m][:, index], self.b_stack[m][:, index]  # [L, R, in], [L, out, R]
+            blk = packed.layout.block(m)
+            if blk is None:
+                a_slot.zero_()
+                b_slot.zero_()
+                continue
+            r = blk.rank
+            a_slot[:, :r].copy_(packed.a(blk, src), non_blocking=non_blocking)
+            b_slot[:, :, :r].copy_(packed.b(blk, src), non_blocking=non_blocking)
+            if r < self.max_rank:
+                a_slot[:, r:].zero_()
+                b_slot[:, :, r:].zero_()
+
+    def _write_pairs(self, index: int, weights: AdapterWeights, stream) -> None:
+        """Unpacked weights (hand-built or synthetic): one batched copy and one batched zero call."""
+        self._wait_release(index, stream)
+        dst, src, zero = [], [], []
+        for m in self.target_modules:
+            if not any(key[0] == m for key in weights.tensors):
+                zero += [self.a_stack[m][:, index], self.b_stack[m][:, index]]
+                continue
             for layer in range(self.num_layers):
                 a_dst, b_dst = self.lora_a[m][layer][index], self.lora_b[m][layer][index]
                 pair = weights.tensors.get((m, layer))
                 if pair is None:
-                    a_dst.zero_()
-                    b_dst.zero_()
+                    zero += [a_dst, b_dst]
                     continue
                 a, b = pair
                 r = a.shape[0]
-                a_dst[:r].copy_(a, non_blocking=non_blocking)
-                a_dst[r:].zero_()
-                b_dst[:, :r].copy_(b, non_blocking=non_blocking)
-                b_dst[:, r:].zero_()
-        self.rank[index] = weights.rank
-        self.scale[index] = weights.scale
+                dst += [a_dst[:r], b_dst[:, :r]]
+                src += [a, b]
+                if r < self.max_rank:
+                    zero += [a_dst[r:], b_dst[:, r:]]
+        if dst:
+            torch._foreach_copy_(dst, src, non_blocking=self.device.type == "cuda")
+        if zero:
+            torch._foreach_zero_(zero)
 
     def clear(self, index: int, stream=None) -> None:
         self._wait_release(index, stream)
         for m in self.target_modules:
-            for layer in range(self.num_layers):
-                self.lora_a[m][layer][index].zero_()
-                self.lora_b[m][layer][index].zero_()
+            self.a_stack[m][:, index].zero_()
+            self.b_stack[m][:, index].zero_()
         self.rank[index] = 0
         self.scale[index] = 0.0
