@@ -26,10 +26,14 @@ from kernels.quant import dequantize, quant_matmul_triton, quantize_linear_weigh
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def eval_string() -> str:
+    """The fixed evaluation text (this repository's docs); benchmarks/quant_engine.py reads the same."""
+    return "\n\n".join(p.read_text() for p in [ROOT / "README.md", ROOT / "docs" / "formats.md",
+                                               ROOT / "docs" / "engine-kernels.md"] if p.exists())
+
+
 def eval_text(tok, max_tokens):
-    text = "\n\n".join(p.read_text() for p in [ROOT / "README.md", ROOT / "docs" / "formats.md",
-                                                 ROOT / "docs" / "engine-kernels.md"] if p.exists())
-    ids = tok(text, return_tensors="pt").input_ids[:, :max_tokens]
+    ids = tok(eval_string(), return_tensors="pt").input_ids[:, :max_tokens]
     return ids
 
 

@@ -83,7 +83,10 @@ class LLMEngine:
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineConfigError(f"device {config.device!r} requested but CUDA is not available")
         self.tokenizer = Tokenizer(self.model_dir)
-        self.model = load_model(self.model_dir, dtype, config.device, max_positions=self.max_model_len)
+        self.model = load_model(self.model_dir, dtype, config.device, max_positions=self.max_model_len,
+                                quantization=config.quantization, quant_group_size=config.quant_group_size)
+        if config.device == "cpu" and dtype == torch.float32 and config.cpu_decode_layouts:
+            self.model.prepare_cpu_decode()  # faster decode matmuls for some memory (LlamaForCausalLM)
         if adapters is None:
             from engine.adapters.cache import AdapterCache
 

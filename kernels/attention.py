@@ -18,6 +18,8 @@ BLOCK_N chunks, looked up position by position through the block table, with an 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +36,9 @@ __all__ = [
     "paged_attention",
     "write_kv_ref",
     "paged_attention_ref",
+    "DecodePlan",
+    "decode_plan",
+    "paged_decode_ref",
     "write_kv_triton",
     "paged_attention_triton",
 ]
@@ -170,6 +175,57 @@ def paged_attention_ref(
     o = o.transpose(1, 2)  # [B, q_max, H, D]
     out[tok[q_valid]] = o[q_valid]
     return out
+
+
+@dataclass
+class DecodePlan:
+    """What paged_attention_ref derives from a pure-decode step's metadata (one query per sequence), derived
+    once per step instead of once per layer: a CPU decode step of a small model is made of small ops."""
+
+    blocks: torch.Tensor  # shape [B * n_blk] int64, every sequence's first n_blk blocks (padding -> block 0)
+    n_blk: int
+    l_max: int  # longest context
+    mask: torch.Tensor | None  # shape [B, 1, 1, l_max] bool, key n < seq_lens[b]; None when no key is padding
+
+
+def decode_plan(
+    block_tables: torch.Tensor,  # shape [B, max_blocks] int32, -1 padded
+    seq_lens: torch.Tensor,  # shape [B] int32
+    num_tokens: int,  # T of the step
+    block_size: int,
+) -> DecodePlan | None:
+    """The plan of a step whose every sequence has exactly one query token (T == B), else None (host syncs)."""
+    B = seq_lens.shape[0]
+    if num_tokens != B or B == 0:
+        return None
+    lens = seq_lens.long()
+    l_max = int(lens.max())
+    n_blk = -(-l_max // block_size)
+    blocks = block_tables[:, :n_blk].reshape(-1).long().clamp(min=0)
+    mask = None
+    if int(lens.min()) != l_max:
+        mask = (torch.arange(l_max, device=lens.device)[None, :] < lens[:, None])[:, None, None, :]
+    return DecodePlan(blocks, n_blk, l_max, mask)
+
+
+def paged_decode_ref(
+    q: torch.Tensor,  # shape [B, H, D], one query per sequence
+    k_cache: torch.Tensor,  # shape [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # shape [num_blocks, block_size, Hkv, D]
+    plan: DecodePlan,
+    scale: float,
+) -> torch.Tensor:  # shape [B, H, D]
+    """paged_attention_ref for a pure-decode step: the same gather and softmax(q k^T) v, without the query
+    padding and scatter (each sequence's query is already its own row). The q heads of a GQA group become
+    that kv head's query rows ([B, Hkv, H / Hkv, D]): with one query per sequence no causal mask tells them
+    apart, and CPU SDPA is faster on that shape than with enable_gqa."""
+    B, H, D = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    kg = k_cache.index_select(0, plan.blocks).view(B, plan.n_blk * bs, hkv, D)[:, :plan.l_max]
+    vg = v_cache.index_select(0, plan.blocks).view(B, plan.n_blk * bs, hkv, D)[:, :plan.l_max]
+    o = F.scaled_dot_product_attention(q.reshape(B, hkv, H // hkv, D), kg.transpose(1, 2), vg.transpose(1, 2),
+                                       attn_mask=plan.mask, scale=scale)
+    return o.reshape(B, H, D)
 
 
 def _sdpa_gqa(q, k, v, mask, scale):

@@ -45,6 +45,9 @@ __all__ = [
     "lora_expand_ref",
     "lora_shrink_triton",
     "lora_expand_triton",
+    "LiveRows",
+    "live_rows",
+    "lora_live_rows",
 ]
 
 
@@ -91,7 +94,9 @@ class LoRABatchMeta:
             getattr(self, name).copy_(getattr(other, name))
         if self.num_live_tiles is not None:
             self.num_live_tiles.copy_(_live_tiles(other))
-        self.__dict__.pop("_slot_groups", None)  # the references' per-slot cache (see _slot_groups)
+        # the per-step caches of the references and of the CPU path (_slot_groups, _row_mask)
+        self.__dict__.pop("_slot_groups", None)
+        self.__dict__.pop("_row_masks", None)
         return self
 
 
@@ -299,6 +304,84 @@ def lora_expand_ref(
         delta = torch.cat(parts, dim=1) * scales[s]
         y[idx] = (y[idx].float() + delta).to(y.dtype)
     return y
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU path for small batches: the pool's live adapter rows as one matmul per projection
+# --------------------------------------------------------------------------------------------------
+#
+# A CPU decode step of 8 requests over 3 adapters spends more time in the references' per-slot, per-slice
+# loop (slots x slices x shrink+expand per layer, each with a gather and a scatter) than in the LoRA
+# arithmetic. For a handful of tokens it is cheaper to multiply every token by every *live* adapter row of
+# the projection (rows < rank of the slots whose A and B are nonzero for that slice: a slot of an adapter that
+# does not target the module has none), keep each token's own slot's rows with a mask, and expand with one
+# matmul per slice. The rows are gathered once per pool change (LiveRows), the masks once per step.
+
+
+@dataclass
+class LiveRows:
+    """A projection's live adapter rows, gathered from the slot pool in (slice, slot, r) order."""
+
+    a: torch.Tensor  # shape [K, in]: A rows of every slice
+    bt: list[torch.Tensor]  # per slice, shape [K_i, out_i]: the matching columns of B, transposed
+    bounds: list[tuple[int, int]]  # per slice, its rows [k0, k1) in `a`
+    row_slots: torch.Tensor  # shape [K] int64, the slot of each row
+    key: tuple[int, ...]  # row_slots as a tuple: projections with the same rows share a step's mask
+
+
+def live_rows(
+    lora_a: list[torch.Tensor],  # each shape [num_slots, max_rank, in]
+    lora_b: list[torch.Tensor],  # each shape [num_slots, out_i, max_rank]
+    rank: torch.Tensor,  # shape [num_slots] int32
+) -> LiveRows:
+    a_rows, bts, bounds, slots_of = [], [], [], []
+    ranks = rank.tolist()
+    for a, b in zip(lora_a, lora_b):
+        k0 = len(slots_of)
+        parts_b = []
+        for s, r in enumerate(ranks):
+            # B (A x) is exactly zero when either factor is: such a slot has no live rows here
+            if r <= 0 or not (bool(a[s, :r].any()) and bool(b[s, :, :r].any())):
+                continue
+            a_rows.append(a[s, :r])
+            parts_b.append(b[s, :, :r].t())
+            slots_of += [s] * r
+        bounds.append((k0, len(slots_of)))
+        bts.append(torch.cat(parts_b).contiguous() if parts_b else b.new_zeros(0, b.shape[1]))
+    a_cat = torch.cat(a_rows).contiguous() if a_rows else lora_a[0].new_zeros(0, lora_a[0].shape[2])
+    return LiveRows(a_cat, bts, bounds, torch.tensor(slots_of, dtype=torch.int64), tuple(slots_of))
+
+
+def _row_mask(meta: LoRABatchMeta, rows: LiveRows, scale: torch.Tensor) -> torch.Tensor:
+    """[T, K]: scale[slot of token t] where row k belongs to that slot, else 0 (cached on the meta per row set)."""
+    cached = meta.__dict__.get("_row_masks")
+    if cached is None or cached[0] is not scale:
+        slots = meta.token_slots.long()
+        cached = (scale, slots, scale.float()[slots.clamp(min=0)], {})
+        meta.__dict__["_row_masks"] = cached
+    _, slots, tok_scale, masks = cached
+    mask = masks.get(rows.key)
+    if mask is None:
+        mask = masks[rows.key] = (slots[:, None] == rows.row_slots[None, :]) * tok_scale[:, None]
+    return mask
+
+
+def lora_live_rows(
+    x: torch.Tensor,  # shape [T, in]
+    outs: list[torch.Tensor],  # per slice, shape [T, out_i] (views allowed), updated in place: out_i += delta_i
+    rows: LiveRows,
+    scale: torch.Tensor,  # shape [num_slots] float32
+    meta: LoRABatchMeta,
+) -> None:
+    """out_i += scale[s] * B_i[s, :, :r] @ A_i[s, :r] @ x for each token of slot s >= 0: the references' shrink
+    and expand (float32 inputs), as one shrink and one expand matmul per slice for the whole step."""
+    if rows.a.shape[0] == 0:
+        return
+    h = torch.mm(x, rows.a.t())
+    h.mul_(_row_mask(meta, rows, scale))
+    for out, (k0, k1), bt in zip(outs, rows.bounds, rows.bt):
+        if k1 > k0:
+            out.addmm_(h[:, k0:k1], bt)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -660,18 +743,6 @@ def lora_expand_triton(
         BLOCK_M=meta.block_m, BLOCK_N=block_n, R_PAD=max(16, _pow2(max_rank)),
         B_ALIGN=_align([b.data_ptr() for b in lora_b], 16),
         Y_ALIGN=_align([b[2] * esize for b in blocks] + [y.data_ptr(), y.stride(0) * esize], 16) // esize,
-        PRECISION=_precision(y.dtype), num_warps=TUNING["num_warps"],
-    )
-    return y
-    grid = (max(1, min(meta.max_tiles * n_blocks, TUNING["expand_grid"] * _num_sms(dev))),)
-    _lora_expand_kernel[grid](
-        y, h, _ptr_table(lora_b, dev),
-        _int_table(outs, torch.int32, dev), _int_table(cols, torch.int32, dev),
-        _int_table(blk_slice, torch.int32, dev), _int_table(blk_n0, torch.int32, dev),
-        rank.to(torch.int32), scale.to(torch.float32),
-        meta.sorted_token_ids, meta.tile_start, meta.tile_end, meta.tile_slot, _live_tiles(meta),
-        T, max_rank, n_blocks, y.stride(0),
-        BLOCK_M=meta.block_m, BLOCK_N=block_n, R_PAD=max(16, _pow2(max_rank)),
         PRECISION=_precision(y.dtype), num_warps=TUNING["num_warps"],
     )
     return y

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
 from pydantic import Field, SecretStr, ValidationError
@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     engine_max_num_seqs: int = Field(default=64, ge=1, description="sequences decoded together")
     engine_num_lora_slots: int = Field(default=8, ge=1, description="adapters resident on the device at once")
     engine_max_lora_rank: int = Field(default=64, ge=1, description="largest adapter (or mix) rank served")
+    engine_quantization: Literal["none", "q4"] = Field(
+        default="none", description="base weights of the projections: none (model dtype) | q4 (4-bit)")
+    engine_quant_group_size: int = Field(default=128, ge=16, multiple_of=16,
+                                         description="largest 4-bit group (smaller where it does not divide)")
     log_level: str = Field(default="info", description="debug | info | warning | error")
     log_json: bool = Field(default=True, description="one JSON object per log line")
 

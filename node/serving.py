@@ -158,7 +158,10 @@ class EngineBridge:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         cfg = EngineConfig(device=device, max_num_seqs=settings.engine_max_num_seqs,
                            num_lora_slots=settings.engine_num_lora_slots,
-                           max_lora_rank=settings.engine_max_lora_rank)
+                           max_lora_rank=settings.engine_max_lora_rank,
+                           quantization=None if settings.engine_quantization == "none"
+                           else settings.engine_quantization,
+                           quant_group_size=settings.engine_quant_group_size)
         engine = LLMEngine(model_dir, cfg)
         store = None
         if adapter_dir is not None and adapter_dir.is_dir():

@@ -7,12 +7,77 @@ uses comes from the step's context (its slot in the pool), never from a Python l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.context import get_context
+from engine.layers.quant import base_linear
 from kernels import dispatch
+from kernels import lora as lora_kernels
+
+# the batch size oneDNN packs base weights for (any size runs; decode batches are a few to a few dozen)
+PACK_HINT_TOKENS = 8
+
+
+@dataclass
+class CpuDecodeLayouts:
+    """How a base weight is multiplied on CPU, where one thread's fp32 speed depends on the BLAS call far more
+    than on the flops. Measured on SmolLM2's shapes (AMD EPYC, torch 2.13's MKL and oneDNN, 30 layers, cold
+    weights; ms per step at 1 / 8 tokens): gate_up F.linear 18.4 / 29.1, column-major weight 10.5 / 33.4,
+    oneDNN-packed 14.9 / 16.0; lm_head 10.2 / 19.0, 5.0 / 21.1, 7.5 / 7.8; down 7.0 / 12.1, 8.4 / 13.5,
+    8.2 / 7.7 (oneDNN also wins at 3, 16 and 64 tokens). So one-token steps read a column-major weight where
+    that wins, and larger steps the oneDNN-packed one."""
+
+    single: torch.Tensor | None = None  # weight for one-token steps (column-major); None: the weight itself
+    packed: torch.Tensor | None = None  # oneDNN-packed weight for 2+ tokens (inference only); None: F.linear
+
+
+def cpu_decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      layouts: CpuDecodeLayouts | None) -> torch.Tensor | None:
+    """x @ weight.T + bias through the layout chosen for this step's size, or None where none applies."""
+    if layouts is None or x.is_cuda or x.dim() != 2:
+        return None
+    if x.shape[0] == 1:
+        return None if layouts.single is None else F.linear(x, layouts.single, bias)
+    if layouts.packed is not None and not torch.is_grad_enabled():  # the oneDNN op has no autograd
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), layouts.packed, bias, "none", [], "")
+    return None
+
+
+def column_major(w: torch.Tensor) -> torch.Tensor:
+    """A copy of w [out, in] stored column-major (same shape, strides (1, out))."""
+    return w.detach().t().contiguous().t()
+
+
+def onednn_packed(w: torch.Tensor) -> torch.Tensor | None:
+    """w [out, in] packed for oneDNN's fp32 matmul (a private torch op), or None where this build lacks it."""
+    if w.is_cuda or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), PACK_HINT_TOKENS)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+# CPU steps up to this many tokens (decode) apply LoRA through the pool's live rows (kernels.lora.LiveRows):
+# every token meets every loaded adapter's rows, so larger steps (prefill) take the per-slot references
+LIVE_ROWS_MAX_TOKENS = 64
+
+
+@dataclass
+class _LiveRowsCache:
+    """kernels.lora.LiveRows of one projection, gathered again only when a pool tensor it was read from is
+    written (an adapter loaded or cleared moves the version counter of the pool's stacked tensors)."""
+
+    sources: list[tuple[torch.Tensor, int]]  # (pool tensor, its version when read): A and B of each slice, rank
+    rows: lora_kernels.LiveRows
+
+    def fresh(self, tensors: list[torch.Tensor]) -> bool:
+        return len(tensors) == len(self.sources) and all(t is src and t._version == v
+                                                         for t, (src, v) in zip(tensors, self.sources))
 
 
 class LoRALinear(nn.Module):
@@ -27,6 +92,19 @@ class LoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(sum(out_sizes))) if bias else None
         self._slice_key: tuple[str, ...] | None = None
         self._slice_cache: tuple = ([], [])
+        self._live: _LiveRowsCache | None = None
+        self.cpu_decode: CpuDecodeLayouts | None = None  # set by prepare_cpu_decode (CPU engines only)
+
+    def prepare_cpu_decode(self, column_major_weight: bool) -> None:
+        """Pick this projection's CPU layouts (CpuDecodeLayouts), once its weight is loaded. A column-major
+        weight replaces the row-major one (same values; no second copy); the oneDNN-packed one is a second
+        copy. A quantized weight keeps its own path."""
+        if self.weight is None or self.weight.is_cuda:
+            return
+        packed = onednn_packed(self.weight)
+        if column_major_weight:
+            self.weight.data = column_major(self.weight.data)
+        self.cpu_decode = CpuDecodeLayouts(None, packed)
 
     def _slices(self, pool) -> tuple[list[str], list[tuple[int, int, int]]]:
         """Modules of this projection the pool holds, and (y column, delta column, width) of each.
@@ -47,7 +125,11 @@ class LoRALinear(nn.Module):
         return self._slice_cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = None
+        if self.cpu_decode is not None and self.weight is not None:
+            y = cpu_decode_linear(x, self.weight, self.bias, self.cpu_decode)
+        if y is None:
+            y = base_linear(self, x)  # F.linear, or the 4-bit matmul of a quantized weight (layers/quant.py)
         ctx = get_context()
         if ctx.lora_meta is None:
             return y
@@ -55,15 +137,12 @@ class LoRALinear(nn.Module):
         mods, spans = self._slices(pool)
         if not mods:
             return y
-        a = [pool.lora_a[m][self.layer_idx] for m in mods]
-        b = [pool.lora_b[m][self.layer_idx] for m in mods]
-        h = dispatch.lora_shrink(x, a, pool.rank, ctx.lora_meta)
         whole = len(mods) == len(self.modules_)
         if whole and ctx.influence_sum is None:
-            dispatch.lora_expand(y, h, b, pool.rank, pool.scale, ctx.lora_meta)
+            self._add_delta(y, x, mods, [w for _, _, w in spans], pool, ctx)
             return y
         delta = y.new_zeros(y.shape[0], sum(w for _, _, w in spans))
-        dispatch.lora_expand(delta, h, b, pool.rank, pool.scale, ctx.lora_meta)
+        self._add_delta(delta, x, mods, [w for _, _, w in spans], pool, ctx)
         if ctx.influence_sum is not None:
             # Influence: how large each token's LoRA delta is next to the base output. The norms
             # accumulate in float32 straight from the activations (no float copies) and one addcdiv_
@@ -77,3 +156,37 @@ class LoRALinear(nn.Module):
         for col, dcol, w in spans:
             y[:, col:col + w] += delta[:, dcol:dcol + w]
         return y
+
+    def _add_delta(self, out: torch.Tensor, x: torch.Tensor, mods: list[str], widths: list[int], pool, ctx) -> None:
+        """out [T, sum(widths)] += each token's LoRA delta over the slices `mods`."""
+        a = [pool.lora_a[m][self.layer_idx] for m in mods]
+        b = [pool.lora_b[m][self.layer_idx] for m in mods]
+        if self._live_rows_apply(x):
+            rows = self._live_rows(a, b, pool.rank)
+            if rows is not None:
+                outs = out.split_with_sizes(widths, dim=1) if len(widths) > 1 else (out,)
+                lora_kernels.lora_live_rows(x, outs, rows, pool.scale, ctx.lora_meta)
+                return
+        h = dispatch.lora_shrink(x, a, pool.rank, ctx.lora_meta)
+        dispatch.lora_expand(out, h, b, pool.rank, pool.scale, ctx.lora_meta)
+
+    @staticmethod
+    def _live_rows_apply(x: torch.Tensor) -> bool:
+        # inference only (training backpropagates through the references into the pool), float32 as the
+        # references compute, and never where the dispatcher would pick Triton
+        return (x.shape[0] <= LIVE_ROWS_MAX_TOKENS and x.dtype == torch.float32 and not x.is_cuda
+                and not torch.is_grad_enabled() and not dispatch.use_triton(x))
+
+    def _live_rows(self, a: list[torch.Tensor], b: list[torch.Tensor], rank: torch.Tensor):
+        """This projection's LiveRows, gathered again when the pool changed; None where versions are not
+        tracked (tensors made under inference_mode), which leaves the step to the references."""
+        tensors = [*a, *b, rank]
+        if self._live is not None and self._live.fresh(tensors):
+            return self._live.rows
+        try:
+            sources = [(t, t._version) for t in tensors]
+        except RuntimeError:
+            return None
+        # versions read before the gather: a load racing with it moves them, so the next step gathers again
+        self._live = _LiveRowsCache(sources, lora_kernels.live_rows(a, b, rank))
+        return self._live.rows

@@ -36,7 +36,9 @@ class Sampler:
 
         chosen = torch.empty(rows, dtype=torch.long)
         greedy = [i for i, p in enumerate(params) if p.greedy]
-        if greedy:
+        if len(greedy) == rows:  # all greedy (the common batch): no row gather, no scatter
+            chosen = logits.argmax(dim=-1).cpu()
+        elif greedy:
             chosen[greedy] = logits[greedy].argmax(dim=-1).cpu()
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:

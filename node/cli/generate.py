@@ -40,8 +40,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--device", help="cpu or cuda (default: settings.device)")
+    p.add_argument("--quantization", help="base weights: none or q4 (4-bit) (default: settings.engine_quantization)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_generate)
+
+
+def engine_quantization(name: str) -> str | None:
+    """A settings/CLI quantization name as EngineConfig takes it ("none" -> None; the engine checks the rest)."""
+    return None if name.strip().lower() == "none" else name.strip().lower()
 
 
 def _parse_pairs(items: list[str], what: str) -> list[tuple[str, str]]:
@@ -69,7 +75,10 @@ def _generate(args, settings) -> int:
     # every adapter answers in the same batch, so each needs its own slot
     slots = max(settings.engine_num_lora_slots, len(adapters) + len(args.mix))
     config = EngineConfig(device=device, num_lora_slots=slots, max_lora_rank=settings.engine_max_lora_rank,
-                          max_num_seqs=settings.engine_max_num_seqs)
+                          max_num_seqs=settings.engine_max_num_seqs,
+                          quantization=engine_quantization(args.quantization or settings.engine_quantization),
+                          quant_group_size=settings.engine_quant_group_size)
+    config.validate()  # a bad --quantization is refused before the model is read
     engine = LLMEngine(model_dir, config)
     refs: list = []
     for name, path in adapters:

@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="cached model name or HF-format directory")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--adapter-dir", type=Path, help="directory of PEFT adapter folders")
+    p.add_argument("--quantization", choices=("none", "q4"),
+                   help="base weights: none (model dtype) or q4 (4-bit) (default: settings.engine_quantization)")
     p.add_argument("--dev", action="store_true",
                    help="dev mode: serve --adapter-dir with no chain and no payment (receipts 'dev-...')")
     p.set_defaults(func=_serve)
@@ -33,7 +35,8 @@ def _serve(args, settings) -> int:
     from node.logging import configure
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("model", args.model),
-                                   ("device", args.device), ("adapter_dir", args.adapter_dir)) if v is not None}
+                                   ("device", args.device), ("adapter_dir", args.adapter_dir),
+                                   ("engine_quantization", args.quantization)) if v is not None}
     if args.dev:
         overrides["dev"] = True
     if overrides:

@@ -184,3 +184,23 @@ def test_reference_attention_is_differentiable_for_training():
     torch.testing.assert_close(gq, wq)
     torch.testing.assert_close(gk, wk)
     assert gq.abs().sum() > 0
+
+
+@pytest.mark.parametrize("seq_lens", [[5, 33, 17, 1], [16, 16, 16], [1]], ids=["ragged", "equal", "one"])
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (6, 2)])
+def test_decode_plan_matches_reference(seq_lens, H, Hkv):
+    """The CPU decode path (one plan per step for all layers) gives paged_attention_ref's result."""
+    from kernels.attention import decode_plan, paged_decode_ref
+
+    q, kc, vc, bt, sl, qsl = make_batch([1] * len(seq_lens), seq_lens, H, Hkv, 16, 8, 40, torch.float32)
+    plan = decode_plan(bt, sl, q.shape[0], 8)
+    assert (plan.mask is None) == (len(set(seq_lens)) == 1)
+    got = paged_decode_ref(q, kc, vc, plan, 0.3)
+    torch.testing.assert_close(got, paged_attention_ref(q, kc, vc, bt, sl, qsl, 0.3), rtol=1e-5, atol=1e-6)
+
+
+def test_decode_plan_is_none_unless_every_sequence_has_one_query():
+    from kernels.attention import decode_plan
+
+    q, kc, vc, bt, sl, qsl = make_batch([1, 3], [9, 12], 4, 2, 16, 8, 20, torch.float32)
+    assert decode_plan(bt, sl, q.shape[0], 8) is None

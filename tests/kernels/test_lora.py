@@ -367,3 +367,45 @@ def test_reference_follows_meta_refreshed_in_place():
     h = lora_shrink_ref(x, a_list, rank, meta)
     h_want, _ = loop_lora(x, torch.zeros(5, 6), a_list, b_list, rank, scale, new_slots)
     torch.testing.assert_close(h.double(), h_want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mixed", "distinct", "one", "none"])
+def test_live_rows_match_per_token_loop(kind):
+    """The CPU decode path (kernels.lora.LiveRows): one matmul over the pool's live rows, masked per token."""
+    from kernels.lora import live_rows, lora_live_rows
+
+    outs = [12, 5, 5]
+    a_list, b_list, rank, scale = make_pool(5, 8, 16, outs, [8, 3, 0, 6, 8], torch.float32, seed=7)
+    # slot 3 leaves the second slice out (an adapter that does not target that module): no live rows there
+    a_list[1][3].zero_()
+    b_list[1][3].zero_()
+    b_list[0][4].zero_()  # B zero, A not (PEFT's initialisation): the delta is zero, so no rows either
+    T = 11
+    slots = slot_pattern(kind, T, 5, seed=2)
+    x = torch.randn(T, 16)
+    y = torch.randn(T, sum(outs))
+    meta = make_lora_meta(slots, num_slots=5)
+    rows = live_rows(a_list, b_list, rank)
+    assert 3 not in rows.row_slots[rows.bounds[1][0]:rows.bounds[1][1]].tolist()
+    assert 4 not in rows.row_slots[rows.bounds[0][0]:rows.bounds[0][1]].tolist()
+    assert 2 not in rows.key  # rank 0: an empty slot has no rows
+    got = y.clone()
+    lora_live_rows(x, list(got.split(outs, dim=1)), rows, scale, meta)
+    _, want = loop_lora(x, y, a_list, b_list, rank, scale, slots)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_live_rows_masks_follow_meta_refreshed_in_place():
+    from kernels.lora import live_rows, lora_live_rows
+
+    a_list, b_list, rank, scale = make_pool(3, 4, 8, [6], [4, 2, 3], torch.float32)
+    rows = live_rows(a_list, b_list, rank)
+    x, y = torch.randn(5, 8), torch.zeros(5, 6)
+    meta = make_lora_meta(torch.tensor([0, 0, 1, -1, 2], dtype=torch.int32))
+    lora_live_rows(x, [y.clone()], rows, scale, meta)  # fills the mask cache
+    new_slots = torch.tensor([2, -1, 2, 0, 1], dtype=torch.int32)
+    meta.copy_(make_lora_meta(new_slots))
+    got = y.clone()
+    lora_live_rows(x, [got], rows, scale, meta)
+    _, want = loop_lora(x, y, a_list, b_list, rank, scale, new_slots)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
