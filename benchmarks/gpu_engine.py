@@ -86,9 +86,12 @@ class StubTokenizer:
         return ""
 
 
-def random_model(model_dir, dtype=torch.bfloat16, device="cuda", max_positions=None, seed=0):
+def random_model(model_dir, dtype=torch.bfloat16, device="cuda", max_positions=None, seed=0,
+                 quantization=None, quant_group_size=128):
     """The engine's LlamaForCausalLM for model_dir's config.json, weights randn * 0.02 made on `device`
-    (norm weights 1). Same signature as engine.loader.load_model."""
+    (norm weights 1). Same signature as engine.loader.load_model; 4-bit models come from random_quant_model."""
+    if quantization is not None:
+        raise ValueError("random_model builds full-precision weights; 4-bit ones come from random_quant_model")
     from engine.models.llama import LlamaForCausalLM
 
     cfg = ModelConfig.from_dir(model_dir)
@@ -139,12 +142,15 @@ class SyntheticAdapterCache(AdapterCache):
         super().__init__(model_config, **kw)
         self.synth_rank = rank
         self._seeds: dict[str, int] = {}
+        shapes = self._shapes
+        numel = sum((shapes[m][0] + shapes[m][1]) * rank for m in self.target_modules) \
+            * int(model_config.num_hidden_layers)
+        # an adapter is one contiguous window of the buffer: it must hold a whole adapter, with room to vary
+        pool_elems = max(pool_elems, numel + (1 << 20))
         src = (torch.randn(pool_elems, device=self.device) * 0.02).to(self.dtype)
         self._buf = src.cpu().pin_memory() if self._cuda else src.cpu()
         del src
-        shapes = self._shapes
-        self._synth_nbytes = sum((shapes[m][0] + shapes[m][1]) * rank for m in self.target_modules) \
-            * int(model_config.num_hidden_layers) * self._buf.element_size()
+        self._synth_nbytes = numel * self._buf.element_size()
 
     def register_synthetic(self, name: str, seed: int) -> AdapterSpec:
         r = self.synth_rank
@@ -384,6 +390,9 @@ def parse_args(argv=None):
     ap.add_argument("--prompt", type=int, help="prompt tokens (default 256; smoke 16)")
     ap.add_argument("--output", type=int, help="output tokens per request (default 128; smoke 8)")
     ap.add_argument("--slots", type=int, help="LoRA slots (default 256; smoke 8)")
+    ap.add_argument("--max-batched-tokens", type=int, default=4096,
+                    help="EngineConfig.max_num_batched_tokens (the token budget of one step; smaller chunks "
+                         "the prefill finer, shortening the steps decoding requests wait for)")
     ap.add_argument("--max-seqs", type=int, help="EngineConfig.max_num_seqs (default: the largest config's "
                                                  "requests, so all run at once); fewer queues the rest")
     ap.add_argument("--skip-hf", action="store_true")
@@ -555,7 +564,8 @@ class Bench:
         max_len = args.prompt + args.output
         blocks = max_seqs * math.ceil(max_len / 16) + 256
         ecfg = EngineConfig(device=self.device, dtype="float32" if args.smoke else "bfloat16", num_kv_blocks=blocks,
-                            max_num_seqs=max_seqs, max_num_batched_tokens=4096, max_model_len=self.max_model_len,
+                            max_num_seqs=max_seqs, max_num_batched_tokens=args.max_batched_tokens,
+                            max_model_len=self.max_model_len,
                             num_lora_slots=slots, max_lora_rank=16, collect_influence=not args.no_influence,
                             cuda_graphs=graphs, cuda_graph_max_batch=max_seqs, quantization=quantization,
                             quant_group_size=quant_group_size)
@@ -627,6 +637,10 @@ class Bench:
         self.sync()
         wall = time.perf_counter() - t
         ntok = sum(len(o.token_ids) for o in outs)
+        failed = sum(1 for o in outs if o.completions[0].finish_reason == "error")
+        if failed:  # e.g. an adapter that could not load: say so instead of printing a silent 0 tok/s row
+            self.report["notes"].append(f"{label}: {failed} of {n_req} requests finished with an error")
+            print(f"WARNING {label}: {failed} of {n_req} requests finished with an error", flush=True)
         steps = list(rec.steps)
         rec.steps.clear()
         full = max((s["batch"] for s in steps if s["decode"]), default=0)
