@@ -104,6 +104,8 @@ class Scheduler:
             for seq in list(self.waiting):
                 if budget <= 0 or len(self.running) >= self.max_num_seqs:
                     break
+                if self._sibling_prefilling(seq):
+                    continue  # admitted once its sibling's prompt blocks are cached, to share them
                 try:
                     acquired = self._acquire_slot(seq)
                 except EngineError as exc:  # the adapter's background load failed: end this request only
@@ -125,6 +127,17 @@ class Scheduler:
                 budget -= n
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
+
+    def _sibling_prefilling(self, seq: Sequence) -> bool:
+        """A request with n > 1 prefills its prompt once: completions 1..n-1 wait while an earlier sibling is
+        still waiting or prefilling, then find the prompt's full blocks in the prefix cache (only the last,
+        partial block is computed again). Without prefix caching there is nothing to share."""
+        if seq.index == 0 or not self.bm.prefix_caching:
+            return False
+        for other in self.running:
+            if other.request_id == seq.request_id and other.num_computed_tokens < other.num_prompt_tokens:
+                return True
+        return any(other.request_id == seq.request_id and other.index < seq.index for other in self.waiting)
 
     def _entry(self, seq: Sequence, n: int) -> ScheduledSequence:
         return ScheduledSequence(seq, n, sample=seq.num_computed_tokens + n == len(seq))

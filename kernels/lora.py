@@ -511,6 +511,7 @@ if HAVE_TRITON:
         tile_end_ptr,  # shape [max_tiles] int32
         tile_slot_ptr,  # shape [max_tiles] int32
         num_live_ptr,  # shape [1] int32
+        infl_ptr,  # shape [2, T] float32 (INFLUENCE): per token, sum of delta^2 and of base y^2 added here
         # dimensions
         T,
         MAX_RANK,
@@ -525,6 +526,7 @@ if HAVE_TRITON:
         B_ALIGN: tl.constexpr,  # byte alignment of every lora_b base
         Y_ALIGN: tl.constexpr,  # element alignment of every block's first y column
         PRECISION: tl.constexpr,
+        INFLUENCE: tl.constexpr = False,
     ):
         # Tiling. A work item is (live tile, column block): y[tile tokens, BLOCK_N columns of one slice]
         # += scale * h[slice, tokens, :rank] @ B[slot, columns, :rank].T, one dot with the whole rank as
@@ -593,8 +595,15 @@ if HAVE_TRITON:
             tok_n = tl.load(sorted_ids_ptr + start_n + arange_m, mask=start_n + arange_m < end_n, other=0)
 
             acc = tl.dot(ht, bt, input_precision=PRECISION, out_dtype=tl.float32)
-            y_new = y_old.to(tl.float32) + scale * acc
-            tl.store(y_ptr + y_off, y_new.to(y_ptr.dtype.element_ty), mask=y_mask)
+            y_base = y_old.to(tl.float32)
+            delta = scale * acc
+            if INFLUENCE:
+                # influence statistics from the tile already in registers: per token, |delta|^2 and |base y|^2
+                # over this block's columns (masked entries are 0), summed over blocks by atomics; this
+                # replaces a delta buffer, two row norms over [T, N] and an add per projection
+                tl.atomic_add(infl_ptr + tok, tl.sum(delta * delta, axis=1), mask=m_mask, sem="relaxed")
+                tl.atomic_add(infl_ptr + T + tok, tl.sum(y_base * y_base, axis=1), mask=m_mask, sem="relaxed")
+            tl.store(y_ptr + y_off, (y_base + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -712,9 +721,17 @@ def lora_expand_triton(
     block_n: int | None = None,
     block_r: int | None = None,  # unused: the whole rank is one dot; kept for callers
     n_split: int | None = None,  # unused since the persistent grid; kept for callers
+    influence: torch.Tensor | None = None,  # shape [2, T] float32: += per-token |delta|^2 and |base y|^2
 ) -> torch.Tensor:
+    """y += each token's LoRA delta. With `influence`, row 0 gains each token's squared delta norm and row 1
+    the squared norm of its base output (y before the delta), both over all columns of y: the influence
+    statistic |delta| / |base| follows from them without a delta buffer (tokens with no adapter get 0, 0)."""
     _require_triton()
     _, max_rank, outs = _check_expand(y, h, lora_b, rank, scale, meta)
+    if influence is not None and (influence.shape != (2, y.shape[0]) or influence.dtype != torch.float32
+                                  or influence.device != y.device or not influence.is_contiguous()):
+        raise ValueError(f"lora_expand: influence must be a contiguous float32 [2, {y.shape[0]}] tensor on "
+                         f"{y.device}, got {tuple(influence.shape)} {influence.dtype} on {influence.device}")
     T = y.shape[0]
     if T == 0 or max_rank == 0 or meta.max_tiles == 0:
         return y
@@ -739,11 +756,12 @@ def lora_expand_triton(
     _lora_expand_kernel[grid](
         y, h, table, rank.to(torch.int32), scale.to(torch.float32),
         meta.sorted_token_ids, meta.tile_start, meta.tile_end, meta.tile_slot, _live_tiles(meta),
+        influence if influence is not None else y,  # unused pointer when INFLUENCE is off
         T, max_rank, meta.max_tiles, n_blocks, y.stride(0),
         BLOCK_M=meta.block_m, BLOCK_N=block_n, R_PAD=max(16, _pow2(max_rank)),
         B_ALIGN=_align([b.data_ptr() for b in lora_b], 16),
         Y_ALIGN=_align([b[2] * esize for b in blocks] + [y.data_ptr(), y.stride(0) * esize], 16) // esize,
-        PRECISION=_precision(y.dtype), num_warps=TUNING["num_warps"],
+        PRECISION=_precision(y.dtype), INFLUENCE=influence is not None, num_warps=TUNING["num_warps"],
     )
     return y
 

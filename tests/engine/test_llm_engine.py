@@ -123,6 +123,28 @@ def test_n_completions_and_logprobs(tiny_llama_dir):
     assert len(first.logprobs) == 5
 
 
+def test_n_completions_prefill_the_prompt_once(tiny_llama_dir, reference):
+    eng = _engine(tiny_llama_dir)
+    computed = []
+    schedule = eng.scheduler.schedule
+
+    def counting():
+        out = schedule()
+        computed.append(out.num_batched_tokens)
+        return out
+
+    eng.scheduler.schedule = counting
+    prompt_len = len(eng.tokenizer.encode(PROMPTS[0]))
+    p = SamplingParams(temperature=0.0, n=3, max_tokens=12, ignore_eos=True)
+    out = eng.generate([PROMPTS[0]], p)[0]
+    assert [c.token_ids for c in out.completions] == [reference[0]] * 3
+    # siblings 1 and 2 found the prompt's full blocks cached: only its last partial block is computed again
+    shared = (prompt_len - 1) // 4 * 4
+    assert shared >= 8 and out.cached_tokens == shared
+    assert sum(computed) == prompt_len + 2 * (prompt_len - shared) + 3 * 11
+    assert eng.block_manager.num_free_blocks == 64
+
+
 def test_stop_string_truncates_text_and_stop_token_ends(tiny_llama_dir, reference):
     eng = _engine(tiny_llama_dir)
     full = eng.generate([PROMPTS[0]], GREEDY)[0]
