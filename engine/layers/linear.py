@@ -141,6 +141,8 @@ class LoRALinear(nn.Module):
         if whole and ctx.influence_sum is None:
             self._add_delta(y, x, mods, [w for _, _, w in spans], pool, ctx)
             return y
+        if whole and dispatch.use_triton(y):
+            return self._add_delta_with_influence(y, x, mods, pool, ctx)
         delta = y.new_zeros(y.shape[0], sum(w for _, _, w in spans))
         self._add_delta(delta, x, mods, [w for _, _, w in spans], pool, ctx)
         if ctx.influence_sum is not None:
@@ -155,6 +157,19 @@ class LoRALinear(nn.Module):
             return y.add_(delta)
         for col, dcol, w in spans:
             y[:, col:col + w] += delta[:, dcol:dcol + w]
+        return y
+
+    def _add_delta_with_influence(self, y: torch.Tensor, x: torch.Tensor, mods: list[str], pool, ctx) -> torch.Tensor:
+        """Triton: the expand adds the delta into y and sums |delta|^2 and |base y|^2 per token as it goes (no
+        delta buffer, no row norms over [T, out]); then one ratio per token joins the influence sum."""
+        a = [pool.lora_a[m][self.layer_idx] for m in mods]
+        b = [pool.lora_b[m][self.layer_idx] for m in mods]
+        h = dispatch.lora_shrink(x, a, pool.rank, ctx.lora_meta)
+        sums = torch.zeros(2, y.shape[0], dtype=torch.float32, device=y.device)
+        lora_kernels.lora_expand_triton(y, h, b, pool.rank, pool.scale, ctx.lora_meta, influence=sums)
+        sums.sqrt_()
+        ctx.influence_sum.addcdiv_(sums[0], sums[1].clamp_min_(1e-6))
+        ctx.influence_count += 1
         return y
 
     def _add_delta(self, out: torch.Tensor, x: torch.Tensor, mods: list[str], widths: list[int], pool, ctx) -> None:
