@@ -9,6 +9,19 @@ import torch
 
 from kernels import lora
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _expand(y, h, b, rank, scale, meta, influence=None):
+    """lora_expand_triton on DEVICE (the interpreter on CPU), result back on the CPU."""
+    d = lambda t: t.to(DEVICE)  # noqa: E731
+    dmeta = lora.make_lora_meta(d(meta.token_slots), num_slots=rank.shape[0])
+    dinfl = None if influence is None else d(influence)
+    out = lora.lora_expand_triton(d(y), d(h), [d(x) for x in b], d(rank), d(scale), dmeta, influence=dinfl)
+    if influence is not None:
+        influence.copy_(dinfl.cpu())
+    return out.cpu()
+
 
 def _case(T: int, ranks: list[int], outs: list[int], seed: int):
     g = torch.Generator().manual_seed(seed)
@@ -31,9 +44,9 @@ def _case(T: int, ranks: list[int], outs: list[int], seed: int):
                                           (37, [7, 16, 0, 3], [40, 24, 24]), (129, [16, 5], [64, 64])])
 def test_fused_influence_matches_norms_of_an_explicit_delta(T, ranks, outs):
     y, h, b, rank, scale, meta, slots = _case(T, ranks, outs, seed=T)
-    plain = lora.lora_expand_triton(y.clone(), h, b, rank, scale, meta)
+    plain = _expand(y.clone(), h, b, rank, scale, meta)
     infl = torch.zeros(2, T)
-    fused = lora.lora_expand_triton(y.clone(), h, b, rank, scale, meta, influence=infl)
+    fused = _expand(y.clone(), h, b, rank, scale, meta, influence=infl)
     torch.testing.assert_close(fused, plain, rtol=0, atol=0)  # the statistics change nothing in y
     delta = lora.lora_expand_ref(torch.zeros_like(y), h, b, rank, scale, meta)
     live = (slots >= 0) & (rank[slots.clamp(min=0).long()] > 0)
@@ -48,11 +61,11 @@ def test_fused_influence_matches_norms_of_an_explicit_delta(T, ranks, outs):
 def test_fused_influence_accumulates_and_rejects_a_bad_buffer():
     y, h, b, rank, scale, meta, _ = _case(9, [4, 8], [24, 16], seed=3)
     once = torch.zeros(2, 9)
-    lora.lora_expand_triton(y.clone(), h, b, rank, scale, meta, influence=once)
+    _expand(y.clone(), h, b, rank, scale, meta, influence=once)
     twice = torch.zeros(2, 9)
     for _ in range(2):
-        lora.lora_expand_triton(y.clone(), h, b, rank, scale, meta, influence=twice)
+        _expand(y.clone(), h, b, rank, scale, meta, influence=twice)
     torch.testing.assert_close(twice, 2 * once)
     for bad in (torch.zeros(9), torch.zeros(2, 8), torch.zeros(2, 9, dtype=torch.float64)):
         with pytest.raises(ValueError, match="influence"):
-            lora.lora_expand_triton(y.clone(), h, b, rank, scale, meta, influence=bad)
+            _expand(y.clone(), h, b, rank, scale, meta, influence=bad)
