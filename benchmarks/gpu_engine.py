@@ -142,33 +142,46 @@ class SyntheticAdapterCache(AdapterCache):
         super().__init__(model_config, **kw)
         self.synth_rank = rank
         self._seeds: dict[str, int] = {}
+        self._ranks: dict[str, int] = {}  # content hash -> rank, for adapters registered with their own rank
         shapes = self._shapes
-        numel = sum((shapes[m][0] + shapes[m][1]) * rank for m in self.target_modules) \
+        # the buffer holds one adapter of the pool's largest rank
+        numel = sum((shapes[m][0] + shapes[m][1]) * max(rank, self.max_rank) for m in self.target_modules) \
             * int(model_config.num_hidden_layers)
         # an adapter is one contiguous window of the buffer: it must hold a whole adapter, with room to vary
         pool_elems = max(pool_elems, numel + (1 << 20))
         src = (torch.randn(pool_elems, device=self.device) * 0.02).to(self.dtype)
         self._buf = src.cpu().pin_memory() if self._cuda else src.cpu()
         del src
-        self._synth_nbytes = numel * self._buf.element_size()
+        self._synth_nbytes = self.nbytes_of(rank)
 
-    def register_synthetic(self, name: str, seed: int) -> AdapterSpec:
-        r = self.synth_rank
-        spec = AdapterSpec(name=name, path=None, content_hash=f"synthetic-{seed:08d}", rank=r, alpha=2.0 * r,
+    def nbytes_of(self, rank: int) -> int:
+        shapes = self._shapes
+        return sum((shapes[m][0] + shapes[m][1]) * rank for m in self.target_modules) \
+            * int(self.model_config.num_hidden_layers) * self._buf.element_size()
+
+    def register_synthetic(self, name: str, seed: int, rank: int | None = None) -> AdapterSpec:
+        r = rank or self.synth_rank
+        spec = AdapterSpec(name=name, path=None, content_hash=f"synthetic-{seed:08d}-r{r}", rank=r, alpha=2.0 * r,
                            use_rslora=False, scale=2.0, target_modules=self.target_modules,
-                           nbytes=self._synth_nbytes, base_model=None,
+                           nbytes=self.nbytes_of(r), base_model=None,
                            module_ranks=tuple((m, r) for m in self.target_modules))
         with self._lock:
             self._specs[name] = spec
             self._parsed[spec.content_hash] = ParsedAdapter(spec, (), Path("/nonexistent"))
             self._seeds[spec.content_hash] = seed
+            self._ranks[spec.content_hash] = r
         return spec
+
+    def mean_nbytes(self, names) -> float:
+        """Mean bytes of the named adapters (the decode floor counts each distinct adapter in a step)."""
+        sizes = [self._specs[n].nbytes for n in names if n is not None]
+        return sum(sizes) / len(sizes) if sizes else float(self._synth_nbytes)
 
     def _materialise(self, key: str, seed: int) -> AdapterWeights:
         # one contiguous window of the random buffer in the slot pool's packed layout (engine/adapters/
         # packed.py), as a real adapter read from disk is: the host -> device copy takes the packed path
         rng = np.random.default_rng(seed)
-        n_layers, r = int(self.model_config.num_hidden_layers), self.synth_rank
+        n_layers, r = int(self.model_config.num_hidden_layers), self._ranks.get(key, self.synth_rank)
         ranks = {(m, layer): r for m in self.target_modules for layer in range(n_layers)}
         layout = PackedLayout.build(self._shapes, n_layers, ranks)
         off = int(rng.integers(0, (self._buf.numel() - layout.numel) // 8)) * 8
@@ -363,6 +376,7 @@ GPU_DEFAULTS = dict(requests=256, prompt=256, output=128, slots=256, configs=Non
 
 # synthetic adapter groups: name prefix -> count (seeds are assigned in this order, so names are stable)
 ADAPTER_GROUPS = {"one": 1, "a": 1000, "b": 100, "p": 16, "w": 4}
+MIXED_RANKS = (8, 16, 32, 64)
 
 
 def offline_plan(n: int) -> list[tuple]:
@@ -414,6 +428,8 @@ def parse_args(argv=None):
     ap.add_argument("--online-seconds", type=float, default=60.0, help="arrival span per rate when "
                                                                        "--online-requests is not given")
     ap.add_argument("--online-seed", type=int, default=1234)
+    ap.add_argument("--mixed-ranks", action="store_true",
+                    help="also 100 adapters of ranks 8/16/32/64 (pool of 64 slots, max rank 64)")
     ap.add_argument("--quant", action="store_true", help="4-bit base weights: memory, decode step, short run")
     ap.add_argument("--quant-requests", type=int, help="requests of the 4-bit offline run (default 64)")
     args = ap.parse_args(argv)
@@ -559,24 +575,28 @@ class Bench:
 
     def make_rig(self, model, graphs: bool, max_seqs: int, slots: int, weight_bytes: int,
                  pool_elems: int = 64 << 20, host_bytes: int = 8 << 30, quantization: str | None = None,
-                 quant_group_size: int = 128) -> Rig:
+                 quant_group_size: int = 128, max_rank: int = 16) -> Rig:
         args = self.args
         max_len = args.prompt + args.output
         blocks = max_seqs * math.ceil(max_len / 16) + 256
         ecfg = EngineConfig(device=self.device, dtype="float32" if args.smoke else "bfloat16", num_kv_blocks=blocks,
                             max_num_seqs=max_seqs, max_num_batched_tokens=args.max_batched_tokens,
                             max_model_len=self.max_model_len,
-                            num_lora_slots=slots, max_lora_rank=16, collect_influence=not args.no_influence,
+                            num_lora_slots=slots, max_lora_rank=max_rank, collect_influence=not args.no_influence,
                             cuda_graphs=graphs, cuda_graph_max_batch=max_seqs, quantization=quantization,
                             quant_group_size=quant_group_size)
         if args.smoke:
             pool_elems, host_bytes = 1 << 20, 64 << 20
-        cache = SyntheticAdapterCache(self.mcfg, num_slots=slots, max_rank=16, device=self.device, dtype=self.dtype,
-                                      host_bytes=host_bytes, pool_elems=pool_elems)
+        cache = SyntheticAdapterCache(self.mcfg, num_slots=slots, max_rank=max_rank, device=self.device,
+                                      dtype=self.dtype, host_bytes=host_bytes, pool_elems=pool_elems)
         seed = 0
         for prefix, n in ADAPTER_GROUPS.items():
             for i in range(n):
                 cache.register_synthetic(f"{prefix}{i}", seed)
+                seed += 1
+        if max_rank >= max(MIXED_RANKS):
+            for i in range(100):  # "m": 100 adapters of ranks 8/16/32/64 in turn
+                cache.register_synthetic(f"m{i}", seed, rank=MIXED_RANKS[i % len(MIXED_RANKS)])
                 seed += 1
         engine = build_engine(self.model_dir, ecfg, adapters=cache, model=model)
         runner = engine.runner
@@ -646,7 +666,7 @@ class Bench:
         full = max((s["batch"] for s in steps if s["decode"]), default=0)
         dec = [s for s in steps if s["decode"] and s["batch"] >= 0.9 * full]
         step_s = float(np.median([s["s"] for s in dec])) if dec else None
-        adapter_bytes = cache._synth_nbytes
+        adapter_bytes = cache.mean_nbytes(set(names))
         kv_per_token = 2 * self.mcfg.num_hidden_layers * self.mcfg.kv_size * self.dtype.itemsize
         floor_s = None
         if self.bw and dec:
@@ -760,7 +780,7 @@ class Bench:
         unknown = [x for x in selected if x not in plan]
         if unknown:
             raise SystemExit(f"--configs: unknown {unknown}; one of {', '.join(plan)}")
-        if not selected and not args.online:
+        if not selected and not args.online and not args.mixed_ranks:
             return
         t0 = time.perf_counter()
         model = random_model(self.model_dir, self.dtype, self.device, max_positions=self.max_model_len)
@@ -768,7 +788,7 @@ class Bench:
                            if "embed_tokens" not in n)
         self.report.update(weight_bytes=weight_bytes, model_build_s=round(time.perf_counter() - t0, 1))
         max_seqs = args.max_seqs or max([plan[x][1] for x in selected] + [args.requests])
-        for graphs in self.modes:
+        for graphs in self.modes if selected or args.online else []:
             rig = self.make_rig(model, graphs, max_seqs, args.slots, weight_bytes)
             self.report.update(adapter_bytes=rig.cache._synth_nbytes, lora_slots=args.slots,
                                kv_blocks=rig.engine.block_manager.num_blocks)
@@ -787,6 +807,8 @@ class Bench:
             self.report[f"cache_stats{k('')}"] = rig.cache.stats()
             self.close_rig(rig)
             self.save()
+        if args.mixed_ranks:
+            self.guarded("mixed ranks", self.mixed_ranks_phase, model, weight_bytes)
         if self.cuda:
             self.report["mem_peak_engine_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             self.report["mem_reserved_peak_engine_GiB"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
@@ -795,6 +817,21 @@ class Bench:
         if self.cuda:
             torch.cuda.empty_cache()
         self.save()
+
+    def mixed_ranks_phase(self, model, weight_bytes: int) -> None:
+        """100 adapters of ranks 8/16/32/64 in a pool of max rank 64, next to 100 rank-16 adapters in the same
+        pool: what mixing ranks costs, apart from what the pool's larger max rank costs."""
+        args = self.args
+        n = args.requests
+        plan = [("m100_mixed_ranks", n, "m", 100, "uniform"), ("b100_r16_pool64", n, "b", 100, "uniform")]
+        for graphs in self.modes:
+            # 64 slots of rank 64 hold as many bytes as 256 slots of rank 16
+            rig = self.make_rig(model, graphs, n, 64, weight_bytes, max_rank=max(MIXED_RANKS))
+            self.warmup(rig, "mixed ranks")
+            for p in plan:
+                self.guarded(p[0], self.run_config, rig, *p)
+            self.close_rig(rig)
+            self.save()
 
     # --- 4-bit ---
 

@@ -34,7 +34,8 @@ def smoke_report(gpu_engine, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops on a shared 2-core box: a second thread only adds hand-off stalls
     try:
-        assert gpu_engine.main(["--smoke", "--cuda-graphs", "both", "--online", "0.5,1.0", "--out", str(out)]) == 0
+        assert gpu_engine.main(["--smoke", "--cuda-graphs", "both", "--online", "0.5,1.0", "--mixed-ranks",
+                                "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
     return json.loads((out / "gpu_engine.json").read_text())
@@ -61,6 +62,13 @@ def test_offline_rows_for_both_graph_modes(smoke_report):
             if "graph_steps" in r:  # the runner exposes its counters: graphs off never replays
                 assert r["graph_steps"] + r["eager_steps"] == r["steps"]
                 assert on or r["graph_steps"] == 0
+
+
+def test_mixed_rank_rows(smoke_report):
+    # ranks 8/16/32/64 in one pool of max rank 64, next to rank-16 adapters in the same pool
+    for label in ("m100_mixed_ranks", "b100_r16_pool64"):
+        r = smoke_report["configs"][f"{label}/graphs_on"]
+        assert r["output_tokens"] == r["requests"] * 8 and r["distinct_adapters"] > 1
 
 
 def test_online_percentiles(smoke_report):
