@@ -190,6 +190,8 @@ class EngineConfig:
     # CUDA only: pure-decode steps replay a CUDA graph captured per batch-size bucket (engine/cuda_graph.py)
     cuda_graphs: bool = True
     cuda_graph_max_batch: int = 256  # larger decode batches run eagerly
+    # steps that prefill replay graphs too (padded to a token bucket and cuda_graph_max_batch sequences)
+    cuda_graph_prefill: bool = True
     # CPU float32 only: extra weight layouts for decode-sized steps (engine/layers/linear.py CpuDecodeLayouts):
     # ~1.5-3x faster decode matmuls for a oneDNN-packed second copy of the projections (+~60% weight memory)
     cpu_decode_layouts: bool = True

@@ -1,21 +1,26 @@
-"""CUDA graphs for decode steps: one captured forward pass per batch-size bucket, any mix of adapters.
+"""CUDA graphs for engine steps: one captured forward pass per shape bucket, any mix of adapters.
 
-An eager decode step of an 8B model launches ~2,200 kernels through ~40 ms of Python; the GPU work
-itself is ~15 ms. Replaying a captured graph launches them all at once. What makes one graph valid for
-every step of its bucket:
-  * inputs live in static buffers (ids, positions, KV slots, block tables, context lengths, adapter
-    slots) refreshed by a few device copies before each replay; a batch of B rows pads up to the
-    bucket with rows that write no KV (slot -1), attend to one key of block 0 and use no adapter;
+An eager step of an 8B model launches ~2,200 kernels through ~40 ms of Python; the GPU work of a decode
+step is ~15 ms. Replaying a captured graph launches them all at once. Two kinds of graph:
+  * decode: B sequences with one new token each, B padded up to a batch bucket (1, 2, 4, 8, every 16 to
+    256, every 64 beyond);
+  * mixed: any step that also prefills (new prompts, prompt chunks, decode rows alongside), padded to
+    `max_batch` sequences and a token bucket. Padding sequences hold one token each; the tokens left over
+    go to the last ones, at most a block-table row's worth each.
+What makes one graph valid for every step of its shape:
+  * inputs live in static buffers (ids, positions, KV slots, block tables, context lengths, query
+    offsets, adapter slots) refreshed by a few device copies before each replay; padding tokens write no KV
+    (slot -1), attend to block 0 only and use no adapter;
   * the LoRA tile list is built inside the graph from the static adapter-slot buffer
     (kernels.lora.make_lora_meta is tensor ops only), and the LoRA kernels follow each slot's true
     rank read from the pool at run time, so a graph serves any mix of adapters and ranks; a slot
     loaded after capture is just new data in the pool's fixed tensors;
   * no tensor the graph reads is ever reallocated: the pool, the KV cache and these buffers are
-    allocated once.
+    allocated once; attention's launch grid depends on (tokens, sequences) only, both fixed per graph.
 The engine captures every bucket (LoRA off and on) at start-up (`capture_all`); a shape not captured
 yet (influence statistics switched off later, say) is captured the first time it is seen. All graphs
-share one memory pool. `emulate=True` runs the same static-buffer path eagerly (CPU tests: the
-padding and buffer logic is checked against the plain path without a GPU).
+share one memory pool. `emulate=True` runs the same static-buffer path eagerly (CPU tests: the padding
+and buffer logic is checked against the plain path without a GPU).
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ from kernels import lora as _lora
 
 
 def buckets(max_batch: int) -> list[int]:
-    """Batch sizes with a graph: 1, 2, 4, 8, every 16 up to 256, every 64 beyond, and max_batch itself.
-    A batch pads up to the next bucket: at most 15 wasted rows up to 256 (<= 1/17 of the batch beyond
-    16), at most 63 beyond (< 1/4 at 257, < 1/8 from 512); fewer buckets mean less capture time."""
+    """Batch sizes with a decode graph: 1, 2, 4, 8, every 16 up to 256, every 64 beyond, and max_batch
+    itself. A batch pads up to the next bucket: at most 15 wasted rows up to 256 (<= 1/17 of the batch
+    beyond 16), at most 63 beyond (< 1/4 at 257, < 1/8 from 512); fewer buckets mean less capture time."""
     out = [b for b in (1, 2, 4, 8) if b < max_batch]
     out += list(range(16, min(max_batch, 256) + 1, 16))
     out += list(range(320, max_batch, 64))
@@ -40,37 +45,83 @@ def buckets(max_batch: int) -> list[int]:
     return sorted({b for b in out if b <= max_batch})
 
 
+def token_buckets(max_batch: int, max_tokens: int) -> list[int]:
+    """Token counts with a mixed-step graph. A mixed step pads to `max_batch` sequences of >= 1 token, so a
+    bucket holds the step's tokens plus one per missing sequence: buckets run from 2 x max_batch to
+    max_tokens + max_batch, growing by half or a third (waste below a third of the bucket)."""
+    top = max_tokens + max_batch
+    b = 1 << max(4, (2 * max_batch - 1).bit_length())
+    out = []
+    while b < top:
+        out.append(b)
+        b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3  # 512, 768, 1024, 1536, 2048, ...
+    out.append(top)
+    return out
+
+
+def pad_lengths(pad_tokens: int, pad_seqs: int, cap: int) -> list[int]:
+    """Tokens of each padding sequence: one each, the rest spread from the last one backwards, at most `cap`
+    per sequence (the caller checked that pad_tokens <= pad_seqs * cap)."""
+    lens = [1] * pad_seqs
+    rest = pad_tokens - pad_seqs
+    for i in range(pad_seqs - 1, -1, -1):
+        if rest <= 0:
+            break
+        add = min(rest, cap - 1)
+        lens[i] += add
+        rest -= add
+    return lens
+
+
 @dataclass
 class _Graph:
     graph: object  # torch.cuda.CUDAGraph, or None when emulating
-    batch: int
+    tokens: int
+    seqs: int
     lora: bool
     influence: bool
-    hidden: torch.Tensor | None  # the captured forward's output [batch, hidden], static
+    hidden: torch.Tensor | None  # the captured forward's output [tokens, hidden], static
     influence_count: int  # LoRA'd projections per token, counted at capture
     keep_alive: list  # tensors the captured kernels read by address (Triton's per-launch tables)
 
 
+@dataclass
+class _Fill:
+    """Where the step's real rows sit in the padded buffers."""
+
+    tokens: int  # T of the graph
+    seqs: int  # B of the graph
+    lora: bool  # some row uses an adapter
+    qsl: list[int]  # query start offsets of the real sequences (B_real + 1)
+
+
 class DecodeGraphs:
-    def __init__(self, model, lora_pool, max_batch: int, max_blocks: int, emulate: bool = False):
+    def __init__(self, model, lora_pool, max_batch: int, max_blocks: int, block_size: int, emulate: bool = False,
+                 max_tokens: int = 0):
         self.model = model
+        self.block_size = block_size
+        # a padding sequence's tokens must fit its block-table row (all of whose entries point at block 0)
+        self.pad_cap = max_blocks * block_size
         self.lora_pool = lora_pool
         self.emulate = emulate
         self.buckets = buckets(max_batch)
         self.max_batch = self.buckets[-1]
+        # mixed steps need at least one padding sequence of spare room: none when max_tokens is 0
+        self.token_buckets = token_buckets(self.max_batch, max_tokens) if max_tokens > 0 else []
         self.max_blocks = max_blocks
         p = next(model.parameters())
         dev = self.device = p.device
         n = self.max_batch
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        t = max([n] + self.token_buckets)
+        self.input_ids = torch.zeros(t, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(t, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((t,), -1, dtype=torch.int64, device=dev)
+        self.token_slots = torch.full((t,), -1, dtype=torch.int32, device=dev)
+        self.influence_sum = torch.zeros(t, dtype=torch.float32, device=dev)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.token_slots = torch.full((n,), -1, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        self.influence_sum = torch.zeros(n, dtype=torch.float32, device=dev)
-        self.graphs: dict[tuple[int, bool, bool], _Graph] = {}
+        self.graphs: dict[tuple[int, int, bool, bool], _Graph] = {}
         self.mempool = None if emulate else torch.cuda.graph_pool_handle()
         self.captures = 0
 
@@ -82,92 +133,119 @@ class DecodeGraphs:
                 return b
         return None
 
-    def accepts(self, out) -> bool:
-        """Pure decode (one token per sequence), within the largest bucket and the block-table width."""
+    def _shape(self, out) -> tuple[int, int] | None:
+        """(tokens, sequences) of the graph for this step, or None when it runs eagerly."""
         sched = out.scheduled
         if not sched or len(sched) > self.max_batch:
-            return False
-        return all(s.num_new_tokens == 1 and len(s.seq.block_table) <= self.max_blocks for s in sched)
+            return None
+        if any(len(s.seq.block_table) > self.max_blocks for s in sched):
+            return None
+        if all(s.num_new_tokens == 1 for s in sched):
+            b = self.bucket_for(len(sched))
+            return b, b
+        real_t, pad_b = sum(s.num_new_tokens for s in sched), self.max_batch - len(sched)
+        if pad_b == 0:
+            return None  # no padding sequence to carry spare tokens
+        for t in self.token_buckets:
+            if t >= real_t + pad_b:
+                return (t, self.max_batch) if t - real_t <= pad_b * self.pad_cap else None
+        return None
+
+    def accepts(self, out) -> bool:
+        return self._shape(out) is not None
 
     # --- one step ---
 
-    def _fill(self, out, bucket: int, block_size: int) -> bool:
-        """Copy the step's inputs into the static buffers (padding rows included); True if any row
-        uses an adapter."""
-        ids, pos, slots, lens, lora_slots = [], [], [], [], []
+    def _fill(self, out, tokens: int, seqs: int, block_size: int) -> _Fill:
+        """Copy the step's inputs into the static buffers (padding included)."""
+        ids, pos, slots, lora_slots, lens, qsl = [], [], [], [], [], [0]
         for s in out.scheduled:
-            seq = s.seq
-            p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slots.append(seq.block_table[p // block_size] * block_size + p % block_size)
-            lens.append(p + 1)
-            lora_slots.append(seq.lora_slot)
-        B, pad = len(ids), bucket - len(ids)
-        width = max(len(s.seq.block_table) for s in out.scheduled)
+            seq, n = s.seq, s.num_new_tokens
+            p0 = seq.num_computed_tokens
+            ids.extend(seq.token_ids[p0:p0 + n])
+            span = range(p0, p0 + n)
+            pos.extend(span)
+            table = seq.block_table
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
+            lora_slots.extend([seq.lora_slot] * n)
+            lens.append(p0 + n)
+            qsl.append(qsl[-1] + n)
+        real_t, real_b = qsl[-1], len(lens)
+        pad_t, pad_b = tokens - real_t, seqs - real_b
+        pad_lens = pad_lengths(pad_t, pad_b, self.pad_cap)
+        all_qsl = qsl + [real_t + sum(pad_lens[:i + 1]) for i in range(pad_b)]
+        width = max(max(len(s.seq.block_table) for s in out.scheduled),
+                    -(-max(pad_lens, default=1) // block_size))
         tables = [v for s in out.scheduled for v in s.seq.block_table + [0] * (width - len(s.seq.block_table))]
-        flat = (ids + [0] * pad + pos + [0] * pad + slots + [-1] * pad + lens + [1] * pad
-                + lora_slots + [-1] * pad + tables + [0] * (pad * width))
+        flat = (ids + [0] * pad_t + pos + [0] * pad_t + slots + [-1] * pad_t + lora_slots + [-1] * pad_t
+                + lens + pad_lens + all_qsl + tables + [0] * (pad_b * width))
         buf = torch.tensor(flat, dtype=torch.int64)
         if self.device.type != "cpu":
             buf = buf.to(self.device)  # one host->device copy per step
-        f = buf[:5 * bucket].view(5, bucket)
-        self.input_ids[:bucket].copy_(f[0])
-        self.positions[:bucket].copy_(f[1])
-        self.slot_mapping[:bucket].copy_(f[2])
-        self.seq_lens[:bucket].copy_(f[3])
-        self.token_slots[:bucket].copy_(f[4])
-        # columns past `width` keep stale ids: no sequence reads past its own length
-        self.block_tables[:bucket, :width].copy_(buf[5 * bucket:].view(bucket, width))
-        return self.lora_pool is not None and any(x >= 0 for x in lora_slots)
+        f = buf[:4 * tokens].view(4, tokens)
+        self.input_ids[:tokens].copy_(f[0])
+        self.positions[:tokens].copy_(f[1])
+        self.slot_mapping[:tokens].copy_(f[2])
+        self.token_slots[:tokens].copy_(f[3])
+        o = 4 * tokens
+        self.seq_lens[:seqs].copy_(buf[o:o + seqs])
+        self.query_start_loc[:seqs + 1].copy_(buf[o + seqs:o + 2 * seqs + 1])
+        # columns past `width` keep older block ids (all >= 0): no sequence reads past its own length
+        self.block_tables[:seqs, :width].copy_(buf[o + 2 * seqs + 1:].view(seqs, width))
+        lora = self.lora_pool is not None and any(x >= 0 for x in lora_slots)
+        return _Fill(tokens, seqs, lora, qsl)
 
-    def _fill_dummy(self, bucket: int) -> None:
-        """Inputs that touch nothing: no KV write (slot -1), one key of block 0, no adapter."""
-        self.input_ids[:bucket].zero_()
-        self.positions[:bucket].zero_()
-        self.slot_mapping[:bucket].fill_(-1)
-        self.seq_lens[:bucket].fill_(1)
-        self.token_slots[:bucket].fill_(-1)
-        self.block_tables[:bucket, :1].zero_()
+    def _fill_dummy(self, tokens: int, seqs: int) -> None:
+        """Inputs that touch nothing: no KV write (slot -1), keys of block 0 only, no adapter."""
+        self.input_ids[:tokens].zero_()
+        self.positions[:tokens].zero_()
+        self.slot_mapping[:tokens].fill_(-1)
+        self.token_slots[:tokens].fill_(-1)
+        lens = torch.tensor(pad_lengths(tokens, seqs, self.pad_cap), dtype=torch.int32)
+        self.seq_lens[:seqs].copy_(lens)
+        self.query_start_loc[:seqs + 1].copy_(torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0)]))
+        self.block_tables[:seqs].zero_()
 
     @torch.inference_mode()
     def capture_all(self, collect_influence: bool) -> int:
-        """Capture every bucket up front, largest first (smaller graphs then reuse its pool memory), with
-        LoRA off and on: serving never pays a capture in the middle of a request. The LoRA graphs are
-        captured with no adapter in any row; the kernels read slots and ranks at replay time."""
+        """Capture every shape up front, largest first (smaller graphs then reuse its pool memory), with LoRA
+        off and on: serving never pays a capture in the middle of a request. The LoRA graphs are captured
+        with no adapter in any row; the kernels read slots and ranks at replay time."""
+        shapes = [(t, self.max_batch) for t in reversed(self.token_buckets)]
+        shapes += [(b, b) for b in reversed(self.buckets)]
         n = 0
-        for bucket in reversed(self.buckets):
+        for tokens, seqs in shapes:
             for lora in (False, True):
                 if lora and self.lora_pool is None:
                     continue
-                key = (bucket, lora, lora and collect_influence)
+                key = (tokens, seqs, lora, lora and collect_influence)
                 if key in self.graphs:
                     continue
-                self._fill_dummy(bucket)
+                self._fill_dummy(tokens, seqs)
                 self.graphs[key] = self._capture(*key)
                 n += 1
         return n
 
-    def _forward(self, bucket: int, lora: bool, influence: bool) -> tuple[torch.Tensor, int]:
-        ctx = Context(slot_mapping=self.slot_mapping[:bucket], block_tables=self.block_tables[:bucket],
-                      seq_lens=self.seq_lens[:bucket], query_start_loc=self.query_start_loc[:bucket + 1])
+    def _forward(self, tokens: int, seqs: int, lora: bool, influence: bool) -> tuple[torch.Tensor, int]:
+        ctx = Context(slot_mapping=self.slot_mapping[:tokens], block_tables=self.block_tables[:seqs],
+                      seq_lens=self.seq_lens[:seqs], query_start_loc=self.query_start_loc[:seqs + 1])
         if lora:
             pool = self.lora_pool
-            ctx.lora_meta = dispatch.make_lora_meta(self.token_slots[:bucket], num_slots=pool.rank.shape[0])
+            ctx.lora_meta = dispatch.make_lora_meta(self.token_slots[:tokens], num_slots=pool.rank.shape[0])
             ctx.lora_pool = pool
             if influence:
-                ctx.influence_sum = self.influence_sum[:bucket]
+                ctx.influence_sum = self.influence_sum[:tokens]
                 ctx.influence_sum.zero_()
         set_context(ctx)
         try:
-            hidden = self.model(self.input_ids[:bucket], self.positions[:bucket])
+            hidden = self.model(self.input_ids[:tokens], self.positions[:tokens])
         finally:
             reset_context()
         return hidden, ctx.influence_count
 
-    def _capture(self, bucket: int, lora: bool, influence: bool) -> _Graph:
+    def _capture(self, tokens: int, seqs: int, lora: bool, influence: bool) -> _Graph:
         if self.emulate:
-            return _Graph(None, bucket, lora, influence, None, 0, [])
+            return _Graph(None, tokens, seqs, lora, influence, None, 0, [])
         # Warm up outside the capture: Triton compiles, and the launchers cache their small device
         # tables (a host->device copy is not allowed while capturing). The warm-up runs the real step
         # on the filled buffers, so the KV writes it does are the ones the replay repeats.
@@ -175,34 +253,41 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2 if self.captures == 0 else 1):
-                self._forward(bucket, lora, influence)
+                self._forward(tokens, seqs, lora, influence)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the adapter loader thread keeps copying into the pool on its own stream
         with torch.cuda.graph(graph, pool=self.mempool, capture_error_mode="thread_local"):
-            hidden, count = self._forward(bucket, lora, influence)
+            hidden, count = self._forward(tokens, seqs, lora, influence)
         self.captures += 1
         # the launchers' table cache may be cleared later; the graph keeps its tables alive itself
         keep = list(getattr(_lora, "_TABLE_CACHE", {}).values())
-        return _Graph(graph, bucket, lora, influence, hidden, count, keep)
+        return _Graph(graph, tokens, seqs, lora, influence, hidden, count, keep)
 
     def run(self, out, block_size: int, collect_influence: bool):
-        """Run the step's forward. Returns the hidden states of the B real rows and a function giving the
-        per-row influence (mean over LoRA'd projections of |delta| / |base|), or None when not collected.
-        The runner calls that function after sampling, whose sync has waited for the step anyway."""
-        B = len(out.scheduled)
-        bucket = self.bucket_for(B)
-        lora = self._fill(out, bucket, block_size)
-        influence = lora and collect_influence
-        key = (bucket, lora, influence)
+        """Run the step's forward. Returns the hidden states of the real tokens [T_real, hidden], the real
+        query offsets, and a function giving each scheduled entry's influence (sum over its tokens of the
+        mean over LoRA'd projections of |delta| / |base|), or None when not collected. The runner calls that
+        function after sampling, whose sync has waited for the step anyway."""
+        tokens, seqs = self._shape(out)
+        fill = self._fill(out, tokens, seqs, block_size)
+        influence = fill.lora and collect_influence
+        key = (tokens, seqs, fill.lora, influence)
         g = self.graphs.get(key)
         if g is None:
-            g = self.graphs[key] = self._capture(bucket, lora, influence)
+            g = self.graphs[key] = self._capture(*key)
         if g.graph is None:  # emulation: the same buffers, run eagerly
-            hidden, count = self._forward(bucket, lora, influence)
+            hidden, count = self._forward(tokens, seqs, fill.lora, influence)
         else:
             g.graph.replay()
             hidden, count = g.hidden, g.influence_count
+        real_t = fill.qsl[-1]
         if not (influence and count):
-            return hidden[:B], None
-        return hidden[:B], lambda: [float(x) for x in (self.influence_sum[:B] / count).cpu()]
+            return hidden[:real_t], fill.qsl, None
+
+        def per_entry() -> list[float]:
+            per_token = (self.influence_sum[:real_t] / count).cpu()
+            qsl = fill.qsl
+            return [float(per_token[qsl[i]:qsl[i + 1]].sum()) for i in range(len(qsl) - 1)]
+
+        return hidden[:real_t], fill.qsl, per_entry

@@ -53,14 +53,16 @@ class ModelRunner:
             self.v_caches.append(v)
 
     def enable_decode_graphs(self, max_batch: int, max_model_len: int, emulate: bool = False,
-                             capture: bool = False) -> None:
-        """Replay CUDA graphs for pure-decode steps of up to `max_batch` sequences (engine/cuda_graph.py).
-        `emulate` runs the same padded static-buffer path eagerly, for CPU tests; `capture` captures every
-        bucket now instead of on first use."""
+                             capture: bool = False, max_tokens: int = 0) -> None:
+        """Replay CUDA graphs for steps of up to `max_batch` sequences (engine/cuda_graph.py): pure decode
+        steps, and with `max_tokens` (the step token budget) also steps that prefill. `emulate` runs the same
+        padded static-buffer path eagerly, for CPU tests; `capture` captures every shape now instead of on
+        first use."""
         if not emulate and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         max_blocks = min(self.k_caches[0].shape[0], -(-max_model_len // self.block_size))
-        self.graphs = DecodeGraphs(self.model, self.lora_pool, max_batch, max_blocks, emulate=emulate)
+        self.graphs = DecodeGraphs(self.model, self.lora_pool, max_batch, max_blocks, self.block_size,
+                                   emulate=emulate, max_tokens=max_tokens)
         if capture and not emulate:
             self.graphs.capture_all(self.collect_influence)
 
@@ -137,9 +139,9 @@ class ModelRunner:
 
     def _run_graph(self, out: SchedulerOutput) -> StepResult:
         self.graph_steps += 1
-        hidden, influence_of = self.graphs.run(out, self.block_size, self.collect_influence)
-        rows = [i for i, s in enumerate(out.scheduled) if s.sample]
-        if len(rows) != len(out.scheduled):  # a one-token prefill chunk samples nothing
+        hidden, qsl, influence_of = self.graphs.run(out, self.block_size, self.collect_influence)
+        rows = [qsl[i + 1] - 1 for i, s in enumerate(out.scheduled) if s.sample]
+        if len(rows) != hidden.shape[0]:  # prefill rows, or a one-token prefill chunk that samples nothing
             hidden = hidden[rows] if rows else None
         sampled = logits = None
         if rows:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.config import EngineConfig
-from engine.cuda_graph import buckets
+from engine.cuda_graph import buckets, pad_lengths, token_buckets
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -23,8 +23,10 @@ def _engine(model_dir, adapters, graphs: str, device: str = "cpu") -> LLMEngine:
                                             max_lora_rank=16, max_num_seqs=8, cuda_graphs=graphs == "capture"))
     for name, path in adapters.items():
         eng.register_adapter(name, path)
-    if graphs == "emulate":
-        eng.runner.enable_decode_graphs(8, eng.max_model_len, emulate=True)
+    if graphs.startswith("emulate"):
+        # "emulate_mixed": steps that prefill take the padded graph path too (token budget 2048, the default)
+        eng.runner.enable_decode_graphs(8, eng.max_model_len, emulate=True,
+                                        max_tokens=2048 if graphs == "emulate_mixed" else 0)
     return eng
 
 
@@ -52,18 +54,46 @@ def test_buckets_cover_every_batch_size():
     assert buckets(40) == [1, 2, 4, 8, 16, 32, 40]
     b = buckets(256)
     assert b[:5] == [1, 2, 4, 8, 16] and b[-1] == 256 and all(y - x <= 16 for x, y in zip(b, b[1:]))
+    assert token_buckets(256, 4096) == [512, 768, 1024, 1536, 2048, 3072, 4096, 4352]
+    assert token_buckets(8, 100)[0] == 16 and token_buckets(8, 100)[-1] == 108
     b = buckets(600)
     assert b[-4:] == [448, 512, 576, 600] and 256 in b and 320 in b and all(y - x <= 64 for x, y in zip(b, b[1:]))
 
 
-def test_emulated_graph_path_gives_the_plain_paths_tokens_logprobs_and_influence(tiny_llama_dir, tiny_adapters):
+def test_padding_sequences_never_outgrow_a_block_table_row():
+    assert pad_lengths(3, 3, 8) == [1, 1, 1]
+    assert pad_lengths(10, 3, 4) == [2, 4, 4]
+    assert pad_lengths(12, 3, 4) == [4, 4, 4]
+    for tokens, seqs, cap in ((4352, 256, 384), (2064, 16, 512), (100, 7, 16)):
+        lens = pad_lengths(tokens, seqs, cap)
+        assert sum(lens) == tokens and len(lens) == seqs and max(lens) <= cap and min(lens) >= 1
+
+
+def test_a_step_whose_padding_cannot_fit_runs_eagerly(tiny_llama_dir, tiny_adapters):
+    eng = _engine(tiny_llama_dir, tiny_adapters, "emulate_mixed")
+    graphs = eng.runner.graphs
+    graphs.pad_cap = 1  # padding sequences may hold one token only: spare tokens have nowhere to go
+    eng.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    assert not any(t != b for t, b, _, _ in graphs.graphs)  # no mixed graph was used
+    assert eng.runner.eager_steps > 0
+
+
+@pytest.mark.parametrize("mode", ["emulate", "emulate_mixed"])
+def test_emulated_graph_path_gives_the_plain_paths_tokens_logprobs_and_influence(tiny_llama_dir, tiny_adapters,
+                                                                                   mode):
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
     plain = _staggered(_engine(tiny_llama_dir, tiny_adapters, "off"), params)
-    eng = _engine(tiny_llama_dir, tiny_adapters, "emulate")
+    eng = _engine(tiny_llama_dir, tiny_adapters, mode)
     padded = _staggered(eng, params)
-    # the padded path really ran, next to eager prefill steps
-    assert eng.runner.graph_steps > 5 and eng.runner.eager_steps > 0
-    assert {k for k, _, _ in eng.runner.graphs.graphs} >= {1, 2, 4}
+    shapes = set(eng.runner.graphs.graphs)
+    assert {t for t, b, _, _ in shapes if t == b} >= {1, 2, 4}  # decode buckets
+    if mode == "emulate":  # prefill steps ran eagerly next to the padded decode steps
+        assert eng.runner.graph_steps > 5 and eng.runner.eager_steps > 0
+    else:  # every step took a graph shape; steps that prefilled were padded to 8 sequences
+        assert eng.runner.eager_steps == 0
+        mixed = {(t, lora) for t, b, lora, _ in shapes if t != b}
+        assert mixed and all(t in token_buckets(8, 2048) for t, _ in mixed)
+        assert {lora for _, lora in mixed} == {False, True}
     for a, b in zip(plain, padded):
         assert a.completions[0].token_ids == b.completions[0].token_ids
         for la, lb in zip(a.completions[0].logprobs, b.completions[0].logprobs):
@@ -74,10 +104,11 @@ def test_emulated_graph_path_gives_the_plain_paths_tokens_logprobs_and_influence
             assert a.influence[name]["delta_ratio"] == pytest.approx(b.influence[name]["delta_ratio"], rel=1e-4)
 
 
-def test_sampling_with_seeds_is_unchanged_by_padding(tiny_llama_dir, tiny_adapters):
+@pytest.mark.parametrize("mode", ["emulate", "emulate_mixed"])
+def test_sampling_with_seeds_is_unchanged_by_padding(tiny_llama_dir, tiny_adapters, mode):
     params = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=8, seed=7, ignore_eos=True)
     plain = _staggered(_engine(tiny_llama_dir, tiny_adapters, "off"), params)
-    padded = _staggered(_engine(tiny_llama_dir, tiny_adapters, "emulate"), params)
+    padded = _staggered(_engine(tiny_llama_dir, tiny_adapters, mode), params)
     assert _tokens(plain) == _tokens(padded)
 
 
