@@ -269,10 +269,11 @@ def pcts_ms(xs_s) -> dict | None:
 
 
 def graph_counters(runner) -> dict:
-    """The CUDA-graph runner's step counters where it has them (absent on older runners)."""
-    c = {k: getattr(runner, k, None) for k in ("graph_steps", "eager_steps")}
-    c["graph_captures"] = getattr(getattr(runner, "graphs", None), "captures", None)
-    return {k: v for k, v in c.items() if isinstance(v, int)}
+    """The runner's step counters (graph captures only when CUDA graphs are on)."""
+    c = {"graph_steps": runner.graph_steps, "eager_steps": runner.eager_steps}
+    if runner.graphs is not None:
+        c["graph_captures"] = runner.graphs.captures
+    return c
 
 
 def counters_delta(before: dict, after: dict) -> dict:
@@ -600,10 +601,10 @@ class Bench:
                 seed += 1
         engine = build_engine(self.model_dir, ecfg, adapters=cache, model=model)
         runner = engine.runner
-        if args.smoke and graphs and getattr(runner, "graphs", 1) is None and hasattr(runner, "enable_decode_graphs"):
-            # CPU has no graphs; the runner's emulation takes the same static-buffer path, so the smoke run
-            # exercises the graph-mode plumbing here (bucket warm-up, counters) without a GPU
-            runner.enable_decode_graphs(max_seqs, engine.max_model_len, emulate=True)
+        if args.smoke and graphs:
+            # CPU has no graphs; the runner's emulation takes the same static-buffer path (decode and prefill
+            # shapes), so the smoke run exercises the graph-mode plumbing here without a GPU
+            runner.enable_cuda_graphs(max_seqs, engine.max_model_len, emulate=True, max_tokens=args.max_batched_tokens)
         self.sync()
         return Rig(engine, cache, StepRecorder(engine.runner, self.sync), graphs, weight_bytes)
 

@@ -23,7 +23,6 @@ whole text as one prefill, with a KV cache of its own so the engine's cache is l
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import sys
@@ -37,48 +36,22 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.kernels_quant import eval_string  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
-from engine.context import Context, get_context, set_context  # noqa: E402
 from engine.layers.linear import LoRALinear  # noqa: E402
 from engine.layers.quant import projection_bytes  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
+from engine.training import adapter_step  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "The three primary colors are", "To install the package, run"]
 BLOCK = 16
 
 
-@contextlib.contextmanager
-def whole_text_context(model, n: int):
-    """A one-sequence prefill context over n tokens with a KV cache of its own (the engine's is restored)."""
-    p = next(model.parameters())
-    dev, dtype, cfg = p.device, p.dtype, model.config
-    blocks = -(-n // BLOCK)
-    ctx = Context(slot_mapping=torch.arange(n, device=dev),
-                  block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
-                  seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
-                  query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev))
-    attns = [layer.self_attn.attn for layer in model.layers]
-    saved = [(a.k_cache, a.v_cache) for a in attns]
-    saved_ctx = get_context()
-    shape = (blocks, BLOCK, cfg.num_key_value_heads, cfg.head_dim)
-    for a in attns:
-        a.k_cache = torch.zeros(shape, dtype=dtype, device=dev)
-        a.v_cache = torch.zeros(shape, dtype=dtype, device=dev)
-    set_context(ctx)
-    try:
-        yield
-    finally:
-        set_context(saved_ctx)
-        for a, (k, v) in zip(attns, saved):
-            a.k_cache, a.v_cache = k, v
-
-
 @torch.no_grad()
 def text_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:  # shape [n - 1, vocab] float32
     model = engine.model
     dev = next(model.parameters()).device
-    with whole_text_context(model, len(ids)):
+    with adapter_step(model, None, [len(ids)]):  # one prefill over the whole text, base model
         t = torch.tensor(ids, device=dev)
         hidden = model(t, torch.arange(len(ids), device=dev))
         return model.compute_logits(hidden[:-1]).float()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.context import Context, reset_context, set_context
+from engine.step_inputs import StepInputs
 from kernels import dispatch
 from kernels import lora as _lora
 
@@ -85,17 +86,7 @@ class _Graph:
     keep_alive: list  # tensors the captured kernels read by address (Triton's per-launch tables)
 
 
-@dataclass
-class _Fill:
-    """Where the step's real rows sit in the padded buffers."""
-
-    tokens: int  # T of the graph
-    seqs: int  # B of the graph
-    lora: bool  # some row uses an adapter
-    qsl: list[int]  # query start offsets of the real sequences (B_real + 1)
-
-
-class DecodeGraphs:
+class StepGraphs:
     def __init__(self, model, lora_pool, max_batch: int, max_blocks: int, block_size: int, emulate: bool = False,
                  max_tokens: int = 0):
         self.model = model
@@ -133,7 +124,7 @@ class DecodeGraphs:
                 return b
         return None
 
-    def _shape(self, out) -> tuple[int, int] | None:
+    def shape_of(self, out) -> tuple[int, int] | None:
         """(tokens, sequences) of the graph for this step, or None when it runs eagerly."""
         sched = out.scheduled
         if not sched or len(sched) > self.max_batch:
@@ -151,25 +142,13 @@ class DecodeGraphs:
                 return (t, self.max_batch) if t - real_t <= pad_b * self.pad_cap else None
         return None
 
-    def accepts(self, out) -> bool:
-        return self._shape(out) is not None
-
     # --- one step ---
 
-    def _fill(self, out, tokens: int, seqs: int, block_size: int) -> _Fill:
-        """Copy the step's inputs into the static buffers (padding included)."""
-        ids, pos, slots, lora_slots, lens, qsl = [], [], [], [], [], [0]
-        for s in out.scheduled:
-            seq, n = s.seq, s.num_new_tokens
-            p0 = seq.num_computed_tokens
-            ids.extend(seq.token_ids[p0:p0 + n])
-            span = range(p0, p0 + n)
-            pos.extend(span)
-            table = seq.block_table
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
-            lora_slots.extend([seq.lora_slot] * n)
-            lens.append(p0 + n)
-            qsl.append(qsl[-1] + n)
+    def _fill(self, out, tokens: int, seqs: int, block_size: int) -> StepInputs:
+        """Copy the step's inputs into the static buffers (padding included); returns the real rows' layout."""
+        x = StepInputs.of(out, block_size)
+        ids, pos, slots, lora_slots, lens, qsl = x.input_ids, x.positions, x.slot_mapping, x.token_slots, \
+            x.seq_lens, x.qsl
         real_t, real_b = qsl[-1], len(lens)
         pad_t, pad_b = tokens - real_t, seqs - real_b
         pad_lens = pad_lengths(pad_t, pad_b, self.pad_cap)
@@ -192,8 +171,7 @@ class DecodeGraphs:
         self.query_start_loc[:seqs + 1].copy_(buf[o + seqs:o + 2 * seqs + 1])
         # columns past `width` keep older block ids (all >= 0): no sequence reads past its own length
         self.block_tables[:seqs, :width].copy_(buf[o + 2 * seqs + 1:].view(seqs, width))
-        lora = self.lora_pool is not None and any(x >= 0 for x in lora_slots)
-        return _Fill(tokens, seqs, lora, qsl)
+        return x
 
     def _fill_dummy(self, tokens: int, seqs: int) -> None:
         """Inputs that touch nothing: no KV write (slot -1), keys of block 0 only, no adapter."""
@@ -264,30 +242,23 @@ class DecodeGraphs:
         keep = list(getattr(_lora, "_TABLE_CACHE", {}).values())
         return _Graph(graph, tokens, seqs, lora, influence, hidden, count, keep)
 
-    def run(self, out, block_size: int, collect_influence: bool):
-        """Run the step's forward. Returns the hidden states of the real tokens [T_real, hidden], the real
-        query offsets, and a function giving each scheduled entry's influence (sum over its tokens of the
-        mean over LoRA'd projections of |delta| / |base|), or None when not collected. The runner calls that
-        function after sampling, whose sync has waited for the step anyway."""
-        tokens, seqs = self._shape(out)
-        fill = self._fill(out, tokens, seqs, block_size)
-        influence = fill.lora and collect_influence
-        key = (tokens, seqs, fill.lora, influence)
+    def run(self, out, shape: tuple[int, int], block_size: int, collect_influence: bool):
+        """Run the step's forward. Returns the hidden states of the real tokens [T_real, hidden], the step's
+        layout, and the per-token influence sums [T_real] with the number of LoRA'd projections behind them
+        (None, 0 when not collected), as the eager path has them in its context. `shape` is shape_of(out)."""
+        tokens, seqs = shape
+        x = self._fill(out, tokens, seqs, block_size)
+        lora = self.lora_pool is not None and x.uses_lora
+        influence = lora and collect_influence
+        key = (tokens, seqs, lora, influence)
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(*key)
         if g.graph is None:  # emulation: the same buffers, run eagerly
-            hidden, count = self._forward(tokens, seqs, fill.lora, influence)
+            hidden, count = self._forward(tokens, seqs, lora, influence)
         else:
             g.graph.replay()
             hidden, count = g.hidden, g.influence_count
-        real_t = fill.qsl[-1]
-        if not (influence and count):
-            return hidden[:real_t], fill.qsl, None
-
-        def per_entry() -> list[float]:
-            per_token = (self.influence_sum[:real_t] / count).cpu()
-            qsl = fill.qsl
-            return [float(per_token[qsl[i]:qsl[i + 1]].sum()) for i in range(len(qsl) - 1)]
-
-        return hidden[:real_t], fill.qsl, per_entry
+        real_t = x.qsl[-1]
+        sums = self.influence_sum[:real_t] if influence else None
+        return hidden[:real_t], x, sums, count

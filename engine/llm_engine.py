@@ -107,7 +107,7 @@ class LLMEngine:
                                   lora_pool=adapters.pool, collect_influence=config.collect_influence)
         if config.cuda_graphs and self.runner.device.type == "cuda":
             prefill_tokens = config.max_num_batched_tokens if config.cuda_graph_prefill else 0
-            self.runner.enable_decode_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs),
+            self.runner.enable_cuda_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs),
                                              self.max_model_len, capture=True, max_tokens=prefill_tokens)
         self.requests: dict[str, _Request] = {}
         self._next_id = 0

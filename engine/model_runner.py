@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from engine.context import Context, reset_context, set_context
-from engine.cuda_graph import DecodeGraphs
+from engine.cuda_graph import StepGraphs
 from engine.layers.sampler import SampleResult, Sampler
 from engine.models.llama import LlamaForCausalLM
 from engine.scheduler import SchedulerOutput
+from engine.step_inputs import StepInputs
 from kernels import dispatch
 
 
@@ -37,7 +38,7 @@ class ModelRunner:
         self.lora_pool = lora_pool
         self.collect_influence = collect_influence
         self.keep_logits = False  # tests read the logits of each sampled row
-        self.graphs: DecodeGraphs | None = None  # set by enable_decode_graphs
+        self.graphs: StepGraphs | None = None  # set by enable_cuda_graphs
         self.graph_steps = 0  # steps whose forward replayed a CUDA graph (or its CPU emulation)
         self.eager_steps = 0
         cfg = model.config
@@ -52,7 +53,7 @@ class ModelRunner:
             self.k_caches.append(k)
             self.v_caches.append(v)
 
-    def enable_decode_graphs(self, max_batch: int, max_model_len: int, emulate: bool = False,
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int, emulate: bool = False,
                              capture: bool = False, max_tokens: int = 0) -> None:
         """Replay CUDA graphs for steps of up to `max_batch` sequences (engine/cuda_graph.py): pure decode
         steps, and with `max_tokens` (the step token budget) also steps that prefill. `emulate` runs the same
@@ -61,40 +62,21 @@ class ModelRunner:
         if not emulate and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         max_blocks = min(self.k_caches[0].shape[0], -(-max_model_len // self.block_size))
-        self.graphs = DecodeGraphs(self.model, self.lora_pool, max_batch, max_blocks, self.block_size,
+        self.graphs = StepGraphs(self.model, self.lora_pool, max_batch, max_blocks, self.block_size,
                                    emulate=emulate, max_tokens=max_tokens)
         if capture and not emulate:
             self.graphs.capture_all(self.collect_influence)
 
     def _prepare(self, out: SchedulerOutput):
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        token_slots: list[int] = []
-        seq_lens: list[int] = []
-        qsl = [0]
-        logits_rows: list[int] = []
-        for s in out.scheduled:
-            seq, n = s.seq, s.num_new_tokens
-            start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start:start + n])
-            pos = range(start, start + n)
-            positions.extend(pos)
-            table = seq.block_table
-            slot_mapping.extend(table[p // bs] * bs + p % bs for p in pos)
-            token_slots.extend([seq.lora_slot] * n)
-            seq_lens.append(start + n)
-            qsl.append(qsl[-1] + n)
-            if s.sample:
-                logits_rows.append(qsl[-1] - 1)
+        x = StepInputs.of(out, self.block_size)
         width = max(len(s.seq.block_table) for s in out.scheduled)
         tables = [s.seq.block_table + [-1] * (width - len(s.seq.block_table)) for s in out.scheduled]
         dev = self.device
         # One host->device copy for the whole step (each torch.tensor(..., device=cuda) from a list is a
         # copy plus a stream sync): int64 fields first, then the int32 ones, cast on the device at once.
-        T, B = len(input_ids), len(out.scheduled)
-        flat = input_ids + positions + slot_mapping + [v for row in tables for v in row] + seq_lens + qsl + token_slots
+        T, B = len(x.input_ids), len(out.scheduled)
+        flat = (x.input_ids + x.positions + x.slot_mapping + [v for row in tables for v in row] + x.seq_lens + x.qsl
+                + x.token_slots)
         buf = torch.tensor(flat, dtype=torch.int64)
         if buf.device != torch.device(dev):
             buf = buf.to(dev)
@@ -103,51 +85,42 @@ class ModelRunner:
         tables_t, seq_lens_t, qsl_t, token_slots_t = i32.split([B * width, B, B + 1, T])
         ctx = Context(slot_mapping=slots_t, block_tables=tables_t.view(B, width), seq_lens=seq_lens_t,
                       query_start_loc=qsl_t)
-        if self.lora_pool is not None and any(x >= 0 for x in token_slots):
+        if self.lora_pool is not None and x.uses_lora:
             # the pool size bounds the number of token tiles, and so the LoRA kernels' launch grids
             ctx.lora_meta = dispatch.make_lora_meta(token_slots_t, num_slots=self.lora_pool.rank.shape[0])
             ctx.lora_pool = self.lora_pool
             if self.collect_influence:
                 ctx.influence_sum = torch.zeros(T, dtype=torch.float32, device=dev)
-        return ids_t, pos_t, ctx, logits_rows, qsl
+        return ids_t, pos_t, ctx, x
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> StepResult:
-        if self.graphs is not None and self.graphs.accepts(out):
-            return self._run_graph(out)
-        self.eager_steps += 1
-        input_ids, positions, ctx, rows, qsl = self._prepare(out)
-        set_context(ctx)
-        try:
-            hidden = self.model(input_ids, positions)
-        finally:
-            reset_context()
+        shape = self.graphs.shape_of(out) if self.graphs is not None else None
+        if shape is not None:
+            self.graph_steps += 1
+            hidden, x, infl_sum, infl_count = self.graphs.run(out, shape, self.block_size, self.collect_influence)
+        else:
+            self.eager_steps += 1
+            input_ids, positions, ctx, x = self._prepare(out)
+            set_context(ctx)
+            try:
+                hidden = self.model(input_ids, positions)
+            finally:
+                reset_context()
+            infl_sum, infl_count = ctx.influence_sum, ctx.influence_count
+        rows = x.logits_rows
         sampled = logits = None
         if rows:
-            logits = self.model.compute_logits(hidden[rows])
+            # decode steps sample every row: no gather
+            logits = self.model.compute_logits(hidden if len(rows) == hidden.shape[0] else hidden[rows])
             sampling = [s.seq for s in out.scheduled if s.sample]
             sampled = self.sampler(logits, sampling)  # syncs: the sampled ids come back to the host
         # read the influence sums only now, when the GPU has finished the step anyway
         influence = [0.0] * len(out.scheduled)
-        if ctx.influence_sum is not None and ctx.influence_count:
-            per_token = (ctx.influence_sum / ctx.influence_count).cpu()
-            sums = torch.segment_reduce(per_token, "sum", offsets=torch.tensor(qsl)) if len(qsl) > 1 else []
-            influence = [float(x) for x in sums]
-        if not rows:
-            return StepResult(None, None, influence)
-        return StepResult(sampled, logits.float() if self.keep_logits else None, influence)
-
-    def _run_graph(self, out: SchedulerOutput) -> StepResult:
-        self.graph_steps += 1
-        hidden, qsl, influence_of = self.graphs.run(out, self.block_size, self.collect_influence)
-        rows = [qsl[i + 1] - 1 for i, s in enumerate(out.scheduled) if s.sample]
-        if len(rows) != hidden.shape[0]:  # prefill rows, or a one-token prefill chunk that samples nothing
-            hidden = hidden[rows] if rows else None
-        sampled = logits = None
-        if rows:
-            logits = self.model.compute_logits(hidden)
-            sampled = self.sampler(logits, [s.seq for s in out.scheduled if s.sample])
-        influence = influence_of() if influence_of is not None else [0.0] * len(out.scheduled)
+        if infl_sum is not None and infl_count:
+            per_token = (infl_sum / infl_count).cpu()
+            sums = torch.segment_reduce(per_token, "sum", offsets=torch.tensor(x.qsl))
+            influence = [float(v) for v in sums]
         if not rows:
             return StepResult(None, None, influence)
         return StepResult(sampled, logits.float() if self.keep_logits else None, influence)

@@ -243,7 +243,7 @@ def _check_targets(target_modules: Iterable[str]) -> tuple[str, ...]:
 def adapter_step(model, pool, seq_lens: list[int], slot: int = 0, seq_slots: list[int] | None = None):
     """Run the model over whole sequences of the given lengths, every token in `slot` of `pool` (a
     LoRAParams, or any slot pool with lora_a, lora_b, rank and scale), or, with `seq_slots`, every
-    token of sequence i in slot seq_slots[i].
+    token of sequence i in slot seq_slots[i]. With `pool` None the base model runs (no LoRA).
 
     Sets a Context and a KV cache sized for the batch, and puts back whatever context and caches the
     model had, so this can run on a serving model between engine steps."""
@@ -263,7 +263,9 @@ def adapter_step(model, pool, seq_lens: list[int], slot: int = 0, seq_slots: lis
     for n in seq_lens:
         qsl.append(qsl[-1] + n)
     t = qsl[-1]
-    if seq_slots is None:
+    if pool is None:
+        token_slots = None
+    elif seq_slots is None:
         token_slots = torch.full((t,), slot, dtype=torch.int32, device=dev)
     else:
         if len(seq_slots) != len(seq_lens):
@@ -275,7 +277,8 @@ def adapter_step(model, pool, seq_lens: list[int], slot: int = 0, seq_slots: lis
         block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
         query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-        lora_meta=dispatch.make_lora_meta(token_slots, num_slots=int(pool.rank.shape[0])),
+        lora_meta=None if pool is None else dispatch.make_lora_meta(token_slots,
+                                                                    num_slots=int(pool.rank.shape[0])),
         lora_pool=pool,
     )
     shape = (first, bs, cfg.num_key_value_heads, cfg.head_dim)

@@ -25,7 +25,7 @@ def _engine(model_dir, adapters, graphs: str, device: str = "cpu") -> LLMEngine:
         eng.register_adapter(name, path)
     if graphs.startswith("emulate"):
         # "emulate_mixed": steps that prefill take the padded graph path too (token budget 2048, the default)
-        eng.runner.enable_decode_graphs(8, eng.max_model_len, emulate=True,
+        eng.runner.enable_cuda_graphs(8, eng.max_model_len, emulate=True,
                                         max_tokens=2048 if graphs == "emulate_mixed" else 0)
     return eng
 
@@ -115,4 +115,4 @@ def test_sampling_with_seeds_is_unchanged_by_padding(tiny_llama_dir, tiny_adapte
 def test_cuda_graphs_refused_for_a_cpu_model(tiny_llama_dir, tiny_adapters):
     eng = _engine(tiny_llama_dir, tiny_adapters, "off")
     with pytest.raises(ValueError, match="CUDA"):
-        eng.runner.enable_decode_graphs(8, eng.max_model_len)
+        eng.runner.enable_cuda_graphs(8, eng.max_model_len)
