@@ -705,7 +705,8 @@ def lora_shrink_triton(
         T, K, max_rank, meta.max_tiles,
         x.stride(0), lora_a[0].stride(0), lora_a[0].stride(1), k_per_split, split_k,
         N_SLICES=n, R_PAD=r_pad, BLOCK_C=block_c, BLOCK_M=meta.block_m, BLOCK_K=block_k,
-        A_ALIGN=_align([a.data_ptr() for a in lora_a], 16), ATOMIC=split_k > 1, PRECISION=_precision(x.dtype), num_warps=TUNING["num_warps"],
+        A_ALIGN=_align([a.data_ptr() for a in lora_a], 16), ATOMIC=split_k > 1, PRECISION=_precision(x.dtype),
+        num_warps=TUNING["num_warps"],
     )
     return h
 
