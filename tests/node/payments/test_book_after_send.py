@@ -60,8 +60,10 @@ class Faults:
                 note["receipt_before_body"] = await asyncio.to_thread(self.has_receipt, note["rid"])
                 if fault == "fail":
                     raise ConnectionResetError("injected: the connection died before the answer went out")
-                await send(message)
+                # Stamped before the send: once `send` hands the body over the client may already read
+                # this note, before this coroutine runs again (a stamp after it raced the test in CI).
                 note["body_sent_at"] = time.monotonic()
+                await send(message)
                 await asyncio.sleep(STALL_S)
                 return
             await send(message)
