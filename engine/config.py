@@ -195,6 +195,9 @@ class EngineConfig:
     # CPU float32 only: extra weight layouts for decode-sized steps (engine/layers/linear.py CpuDecodeLayouts):
     # ~1.5-3x faster decode matmuls for a oneDNN-packed second copy of the projections (+~60% weight memory)
     cpu_decode_layouts: bool = True
+    # with cpu_decode_layouts: decode-sized steps (up to 16 tokens) run the base matmul and the LoRA delta in
+    # native kernels compiled on first use (kernels/native_cpu.py; needs a C++ compiler, else torch's paths run)
+    cpu_native_kernels: bool = True
     # base weights of the projections: None (the model's dtype) or "q4" (4-bit, engine/layers/quant.py);
     # quant_group_size is the largest group, a projection it does not divide takes the largest that does
     quantization: str | None = None

@@ -86,7 +86,8 @@ class LLMEngine:
         self.model = load_model(self.model_dir, dtype, config.device, max_positions=self.max_model_len,
                                 quantization=config.quantization, quant_group_size=config.quant_group_size)
         if config.device == "cpu" and dtype == torch.float32 and config.cpu_decode_layouts:
-            self.model.prepare_cpu_decode()  # faster decode matmuls for some memory (LlamaForCausalLM)
+            # faster decode matmuls for some memory (LlamaForCausalLM)
+            self.model.prepare_cpu_decode(native=config.cpu_native_kernels)
         if adapters is None:
             from engine.adapters.cache import AdapterCache
 

@@ -14,6 +14,7 @@ from torch import nn
 from engine.context import Context, get_context
 from kernels import attention as attn_kernels
 from kernels import dispatch
+from kernels import native_cpu
 
 
 @dataclass
@@ -46,6 +47,19 @@ class PagedAttention(nn.Module):
         # [num_blocks, block_size, num_kv_heads, head_dim], bound by the model runner
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.native_decode = False  # CPU engines with the native kernels (LlamaForCausalLM.prepare_cpu_decode)
+
+    def decode_from_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+        """A pure-decode CPU step's whole attention (RoPE, KV write, paged attention) in one native call, from
+        the fused qkv output -> [T, H * D]; None where that path does not apply (the caller runs the others)."""
+        ctx = get_context()
+        if (not self.native_decode or qkv.is_cuda or torch.is_grad_enabled() or qkv.dtype != torch.float32
+                or ctx.seq_lens is None or ctx.seq_lens.shape[0] != qkv.shape[0]):
+            return None
+        t = qkv.shape[0]
+        return native_cpu.decode_attention(qkv, cos.reshape(t, -1), sin.reshape(t, -1), self.k_cache, self.v_cache,
+                                           ctx.slot_mapping, ctx.block_tables, ctx.seq_lens, self.num_heads,
+                                           self.scale)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""

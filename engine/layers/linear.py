@@ -17,6 +17,7 @@ from engine.context import get_context
 from engine.layers.quant import base_linear
 from kernels import dispatch
 from kernels import lora as lora_kernels
+from kernels import native_cpu
 
 # the batch size oneDNN packs base weights for (any size runs; decode batches are a few to a few dozen)
 PACK_HINT_TOKENS = 8
@@ -33,6 +34,9 @@ class CpuDecodeLayouts:
 
     single: torch.Tensor | None = None  # weight for one-token steps (column-major); None: the weight itself
     packed: torch.Tensor | None = None  # oneDNN-packed weight for 2+ tokens (inference only); None: F.linear
+    # panel-packed weight for the native kernel (kernels/native_cpu.py), which beats both above up to
+    # native_cpu.MAX_GEMM_TOKENS tokens (8 tokens: ~28 vs ~40-50 ms per SmolLM2 step); None where it is off
+    native: native_cpu.PackedWeight | None = None
 
 
 def cpu_decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -40,6 +44,8 @@ def cpu_decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """x @ weight.T + bias through the layout chosen for this step's size, or None where none applies."""
     if layouts is None or x.is_cuda or x.dim() != 2:
         return None
+    if layouts.native is not None and x.shape[0] <= native_cpu.MAX_GEMM_TOKENS and not torch.is_grad_enabled():
+        return native_cpu.gemm(x, layouts.native, bias)
     if x.shape[0] == 1:
         return None if layouts.single is None else F.linear(x, layouts.single, bias)
     if layouts.packed is not None and not torch.is_grad_enabled():  # the oneDNN op has no autograd
@@ -74,6 +80,7 @@ class _LiveRowsCache:
 
     sources: list[tuple[torch.Tensor, int]]  # (pool tensor, its version when read): A and B of each slice, rank
     rows: lora_kernels.LiveRows
+    native: native_cpu.NativeRows | None = None  # the same rows laid out for the native kernel, made on first use
 
     def fresh(self, tensors: list[torch.Tensor]) -> bool:
         return len(tensors) == len(self.sources) and all(t is src and t._version == v
@@ -95,16 +102,20 @@ class LoRALinear(nn.Module):
         self._live: _LiveRowsCache | None = None
         self.cpu_decode: CpuDecodeLayouts | None = None  # set by prepare_cpu_decode (CPU engines only)
 
-    def prepare_cpu_decode(self, column_major_weight: bool) -> None:
+    def prepare_cpu_decode(self, column_major_weight: bool, native: bool = False) -> None:
         """Pick this projection's CPU layouts (CpuDecodeLayouts), once its weight is loaded. A column-major
         weight replaces the row-major one (same values; no second copy); the oneDNN-packed one is a second
-        copy. A quantized weight keeps its own path."""
+        copy. With `native` (and a compiler to build kernels/native_cpu.py) decode-sized steps read a third,
+        panel-packed copy, and LoRA on such steps runs natively too; one-token steps then no longer need the
+        column-major weight. A quantized weight keeps its own path."""
         if self.weight is None or self.weight.is_cuda:
             return
         packed = onednn_packed(self.weight)
-        if column_major_weight:
+        use_native = native and self.weight.dtype == torch.float32 and native_cpu.available()
+        pw = native_cpu.pack(self.weight) if use_native else None
+        if column_major_weight and pw is None:
             self.weight.data = column_major(self.weight.data)
-        self.cpu_decode = CpuDecodeLayouts(None, packed)
+        self.cpu_decode = CpuDecodeLayouts(None, packed, pw)
 
     def _slices(self, pool) -> tuple[list[str], list[tuple[int, int, int]]]:
         """Modules of this projection the pool holds, and (y column, delta column, width) of each.
@@ -137,6 +148,14 @@ class LoRALinear(nn.Module):
         mods, spans = self._slices(pool)
         if not mods:
             return y
+        if (self.cpu_decode is not None and self.cpu_decode.native is not None and self._live_rows_apply(x)
+                and y.is_contiguous() and ctx.lora_meta.token_slots.dtype == torch.int32):
+            rows = self._native_rows(mods, spans, pool)
+            if rows is not None:
+                # the delta of each token's adapter and, when collected, its influence ratio in one C call
+                native_cpu.lora(x, y, rows, ctx.lora_meta.token_slots, pool.scale, ctx.influence_sum)
+                ctx.influence_count += ctx.influence_sum is not None
+                return y
         whole = len(mods) == len(self.modules_)
         if whole and ctx.influence_sum is None:
             self._add_delta(y, x, mods, [w for _, _, w in spans], pool, ctx)
@@ -191,6 +210,16 @@ class LoRALinear(nn.Module):
         # references compute, and never where the dispatcher would pick Triton
         return (x.shape[0] <= LIVE_ROWS_MAX_TOKENS and x.dtype == torch.float32 and not x.is_cuda
                 and not torch.is_grad_enabled() and not dispatch.use_triton(x))
+
+    def _native_rows(self, mods: list[str], spans, pool) -> native_cpu.NativeRows | None:
+        a = [pool.lora_a[m][self.layer_idx] for m in mods]
+        b = [pool.lora_b[m][self.layer_idx] for m in mods]
+        if self._live_rows(a, b, pool.rank) is None:
+            return None
+        live = self._live
+        if live.native is None:
+            live.native = native_cpu.native_rows(live.rows, [col for col, _, _ in spans])
+        return live.native
 
     def _live_rows(self, a: list[torch.Tensor], b: list[torch.Tensor], rank: torch.Tensor):
         """This projection's LiveRows, gathered again when the pool changed; None where versions are not

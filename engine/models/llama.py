@@ -16,6 +16,8 @@ from engine.layers.attention import PagedAttention
 from engine.layers.linear import CpuDecodeLayouts, LoRALinear, column_major, cpu_decode_linear, onednn_packed
 from engine.layers.rmsnorm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from engine.models.native_decoder import NativeDecoder
+from kernels import native_cpu
 
 
 class LlamaAttention(nn.Module):
@@ -31,6 +33,9 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
+        o = self.attn.decode_from_qkv(qkv, cos, sin)  # CPU decode steps: one native call (or None)
+        if o is not None:
+            return self.o_proj(o)
         # q and k sit side by side in the fused output: rotate them as one [T, H + Hkv, D] view
         # (one rotary call per layer instead of two; decode speed on CPU is counted in ops)
         qk = apply_rotary(qkv[:, :self.q_size + self.kv_size].view(t, self.heads + self.kv_heads, self.head_dim),
@@ -82,6 +87,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.cpu_decode_lm_head: CpuDecodeLayouts | None = None  # set by prepare_cpu_decode
+        self.native_decoder: NativeDecoder | None = None  # set by prepare_cpu_decode(native=True)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings,
                                       cfg.rope_theta, cfg.rope_scaling)
 
@@ -89,6 +95,10 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions [T] -> final hidden states [T, hidden] (normalised)."""
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary.tables(positions, h.dtype)
+        native = None if self.native_decoder is None else self.native_decoder.forward(h, cos, sin)
+        if native is not None:  # a CPU decode step: one native call per layer (engine/models/native_decoder.py)
+            h, _ = self.norm(*native)
+            return h
         residual = None
         for layer in self.layers:
             h, residual = layer(h, residual, cos, sin)
@@ -100,21 +110,30 @@ class LlamaForCausalLM(nn.Module):
         logits = cpu_decode_linear(hidden, w, None, self.cpu_decode_lm_head)
         return F.linear(hidden, w) if logits is None else logits
 
-    def prepare_cpu_decode(self) -> None:
+    def prepare_cpu_decode(self, native: bool = False) -> None:
         """Give the base matmuls their fastest CPU layouts (engine.layers.linear.CpuDecodeLayouts), once the
         weights are loaded. Memory: a oneDNN-packed copy of every projection and of the lm_head, and a
         column-major copy of the lm_head (SmolLM2-135M: about 650 MB on 540 MB of weights); qkv, o and
-        gate_up turn column-major in place. The CUDA path never reads them."""
+        gate_up turn column-major in place. With `native` (kernels/native_cpu.py, where it builds), decode-sized
+        steps read a panel-packed copy instead of the column-major ones (SmolLM2-135M: about 1.1 GB on 540 MB
+        of weights). The CUDA path never reads them."""
         if next(self.parameters()).is_cuda:
             return
+        native = native and native_cpu.available()
         for layer in self.layers:
-            layer.self_attn.qkv_proj.prepare_cpu_decode(column_major_weight=True)
-            layer.self_attn.o_proj.prepare_cpu_decode(column_major_weight=True)
-            layer.mlp.gate_up_proj.prepare_cpu_decode(column_major_weight=True)
-            layer.mlp.down_proj.prepare_cpu_decode(column_major_weight=False)  # row-major wins at one token
+            layer.self_attn.attn.native_decode = native
+            layer.self_attn.qkv_proj.prepare_cpu_decode(column_major_weight=True, native=native)
+            layer.self_attn.o_proj.prepare_cpu_decode(column_major_weight=True, native=native)
+            layer.mlp.gate_up_proj.prepare_cpu_decode(column_major_weight=True, native=native)
+            # row-major wins at one token
+            layer.mlp.down_proj.prepare_cpu_decode(column_major_weight=False, native=native)
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head
         # the tied embedding stays row-major for its lookups: the column-major lm_head is a copy
-        self.cpu_decode_lm_head = CpuDecodeLayouts(column_major(w), onednn_packed(w))
+        if native and w.dtype == torch.float32:
+            self.cpu_decode_lm_head = CpuDecodeLayouts(None, onednn_packed(w), native_cpu.pack(w))
+        else:
+            self.cpu_decode_lm_head = CpuDecodeLayouts(column_major(w), onednn_packed(w))
+        self.native_decoder = NativeDecoder(self) if native and NativeDecoder.applies(self) else None
 
     def checkpoint_mapping(self) -> dict[str, tuple[str, int, int]]:
         """HF checkpoint name -> (our parameter, first row, rows); see engine.loader.load_weights."""
