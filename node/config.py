@@ -66,6 +66,8 @@ class Settings(BaseSettings):
         default="none", description="base weights of the projections: none (model dtype) | q4 (4-bit)")
     engine_quant_group_size: int = Field(default=128, ge=16, multiple_of=16,
                                          description="largest 4-bit group (smaller where it does not divide)")
+    engine_cpu_native_kernels: bool = Field(
+        default=True, description="CPU: native decode kernels, compiled on first use (needs a C++ compiler)")
     log_level: str = Field(default="info", description="debug | info | warning | error")
     log_json: bool = Field(default=True, description="one JSON object per log line")
 

@@ -161,7 +161,8 @@ class EngineBridge:
                            max_lora_rank=settings.engine_max_lora_rank,
                            quantization=None if settings.engine_quantization == "none"
                            else settings.engine_quantization,
-                           quant_group_size=settings.engine_quant_group_size)
+                           quant_group_size=settings.engine_quant_group_size,
+                           cpu_native_kernels=settings.engine_cpu_native_kernels)
         engine = LLMEngine(model_dir, cfg)
         store = None
         if adapter_dir is not None and adapter_dir.is_dir():

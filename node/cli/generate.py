@@ -77,7 +77,8 @@ def _generate(args, settings) -> int:
     config = EngineConfig(device=device, num_lora_slots=slots, max_lora_rank=settings.engine_max_lora_rank,
                           max_num_seqs=settings.engine_max_num_seqs,
                           quantization=engine_quantization(args.quantization or settings.engine_quantization),
-                          quant_group_size=settings.engine_quant_group_size)
+                          quant_group_size=settings.engine_quant_group_size,
+                          cpu_native_kernels=settings.engine_cpu_native_kernels)
     config.validate()  # a bad --quantization is refused before the model is read
     engine = LLMEngine(model_dir, config)
     refs: list = []
