@@ -83,8 +83,12 @@ def test_chain_up_in_the_foreground_stops_on_ctrl_c(env, tmp_path):
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "chain", "up"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # stderr to a file (never a pipe nobody reads), and faulthandler on: if the CLI does not stop, SIGABRT
+    # makes it print every thread's stack there, which the failure then shows
+    err_path = tmp_path / "chain-up.stderr"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "node.cli", "chain", "up"],
+                                env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         deadline = time.monotonic() + 90
         lines = []
@@ -95,7 +99,15 @@ def test_chain_up_in_the_foreground_stops_on_ctrl_c(env, tmp_path):
                 break
         assert any("deployed now" in x for x in lines), lines
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(timeout=30)
+            log = tmp_path / "data" / "chain" / "anvil.log"
+            pytest.fail(f"chain up did not stop on Ctrl-C; its stderr:\n{err_path.read_text()[-6000:]}\n"
+                        f"anvil.log tail:\n{log.read_text()[-2000:] if log.exists() else '(none)'}")
+        assert code == 0, err_path.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
