@@ -87,8 +87,11 @@ def test_chain_up_in_the_foreground_stops_on_ctrl_c(env, tmp_path):
     # makes it print every thread's stack there, which the failure then shows
     err_path = tmp_path / "chain-up.stderr"
     with open(err_path, "w") as err:
+        # the child starts with SIGINT's default disposition: a test run launched in the background of a
+        # non-interactive shell inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt
         proc = subprocess.Popen([sys.executable, "-m", "node.cli", "chain", "up"],
-                                env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=err, text=True)
+                                env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=err, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 90
         lines = []
