@@ -13,8 +13,8 @@ Each side is warmed up, then timed `--repeats` times interleaved with the other;
 
 The floor: in the same run, the base-weight matmuls of one decode step (every layer's qkv, o, gate_up and
 down, and the lm_head) are timed alone at 1 and 8 tokens, best of several, both as F.linear on the model's
-weights (what transformers runs), through the engine's own projections (its CPU decode layouts) and as the
-native kernel alone (kernels/native_cpu.py, where it builds). No engine decodes faster than the fastest of
+weights (what transformers runs), through the engine's own projections (its CPU decode layouts, native
+where it builds), and as oneDNN's packed matmul and the native kernel (kernels/native_cpu.py) alone. No engine decodes faster than the fastest of
 them (a tighter kernel would lower it); `best_reachable_ratio` is that floor's tokens/s over
 the baseline's, the ratio an engine with zero overhead would reach. The cost of influence statistics is timed
 on and off, interleaved, `--repeats` each.
@@ -92,16 +92,31 @@ def gemm_floor(model, batch: int, repeats: int = 7) -> dict:
         for x, pw in zip(xs, packed + [head]):
             native_cpu.gemm(x, pw)
 
+    # oneDNN's packed weights alone (the layout decode steps read before the native kernels)
+    dnn = [p.cpu_decode.packed for p in projs if p.cpu_decode is not None and p.cpu_decode.packed is not None]
+    dnn_head = model.cpu_decode_lm_head.packed if model.cpu_decode_lm_head is not None else None
+    has_dnn = len(dnn) == len(projs) and dnn_head is not None
+
+    def onednn():
+        for x, w in zip(xs, dnn + [dnn_head]):
+            torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
     with torch.inference_mode():
-        t_lin, t_eng, t_nat = [], [], []
+        t_lin, t_eng, t_nat, t_dnn = [], [], [], []
         for _ in range(repeats):  # interleaved, like the workloads
             t_lin.append(best(flinear, 1))
             t_eng.append(best(engine_layouts, 1))
             if has_native:
                 t_nat.append(best(native, 1))
-    t = min(min(t_lin), min(t_eng), min(t_nat, default=float("inf")))
-    return {"flinear_ms": round(1e3 * min(t_lin), 2), "engine_layouts_ms": round(1e3 * min(t_eng), 2),
-            "native_ms": round(1e3 * min(t_nat), 2) if t_nat else None, "floor_tok_s": round(batch / t, 2)}
+            if has_dnn:
+                t_dnn.append(best(onednn, 1))
+    t = min(min(t_lin), min(t_eng), min(t_nat, default=float("inf")), min(t_dnn, default=float("inf")))
+
+    def ms(ts):
+        return round(1e3 * min(ts), 2) if ts else None
+
+    return {"flinear_ms": ms(t_lin), "engine_layouts_ms": ms(t_eng), "onednn_packed_ms": ms(t_dnn),
+            "native_ms": ms(t_nat), "floor_tok_s": round(batch / t, 2)}
 
 
 def best(fn, repeats: int) -> float:
@@ -221,9 +236,11 @@ def main() -> int:
         r["floor_tok_s"] = floors[n]["floor_tok_s"]
         r["best_reachable_ratio"] = round(floors[n]["floor_tok_s"] / r["transformers_tok_s"], 3)
     for n, f in floors.items():
-        nat = "" if f["native_ms"] is None else f", native kernel {f['native_ms']:.1f} ms"
-        print(f"GEMM floor at {n} token(s): F.linear {f['flinear_ms']:.1f} ms, engine layouts "
-              f"{f['engine_layouts_ms']:.1f} ms{nat} -> at most {f['floor_tok_s']:.1f} tok/s", flush=True)
+        extra = "".join(f", {label} {f[key]:.1f} ms" for label, key in (("oneDNN packed", "onednn_packed_ms"),
+                                                                          ("native kernel", "native_ms"))
+                        if f[key] is not None)
+        print(f"GEMM floor at {n} token(s): F.linear {f['flinear_ms']:.1f} ms, engine projections "
+              f"{f['engine_layouts_ms']:.1f} ms{extra} -> at most {f['floor_tok_s']:.1f} tok/s", flush=True)
 
     # influence statistics are on by default; what leaving them on costs on the mixed batch, both sides timed
     # here, interleaved, the same number of times (best of each)

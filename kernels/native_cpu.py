@@ -1,9 +1,11 @@
 """Native CPU kernels for decode-sized steps (kernels/csrc/cpu_decode.cpp), loaded through ctypes.
 
-One C call per projection does what costs the engine most on a CPU decode step: the base matmul at a few
-tokens (a register-blocked kernel over a panel-packed copy of the weight, where torch's BLAS calls are tuned
-for larger batches) and the LoRA delta of each token's own adapter with its influence norms (one pass instead
-of ~8 small torch ops, each a few microseconds of dispatch).
+What costs the engine most on a CPU decode step, natively: the base matmul at a few tokens (`gemm`, a
+register-blocked kernel over a panel-packed copy of the weight, where torch's BLAS calls are tuned for
+larger batches), the LoRA delta of each token's own adapter with its influence norms (`lora`, one pass
+instead of ~8 small torch ops of a few microseconds each), attention from the fused qkv output
+(`decode_attention`: RoPE, KV write, paged attention) and a whole decoder layer in one call
+(`decoder_layer`, used by engine/models/native_decoder.py for decode steps of up to MAX_GEMM_TOKENS).
 
 The library is compiled on first use with the host's C++ compiler (`-O3 -march=native`, the machine it runs
 on) into a cache directory keyed by the source, the flags and the CPU's feature flags, so a changed source
@@ -95,7 +97,6 @@ def _build() -> Path:
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
-    lib.ol_panel_width.restype = _I
     lib.ol_pack_size.restype = _L
     lib.ol_pack_size.argtypes = [_L, _L]
     lib.ol_pack.argtypes = [_P, _L, _L, _L, _L, _P]

@@ -127,7 +127,7 @@ class NativeDecoder:
         step.cos, step.sin = cos.data_ptr(), sin.data_ptr()
         step.slots, step.block_tables, step.seq_lens = slot_map.data_ptr(), tables.data_ptr(), lens.data_ptr()
         step.threads = torch.get_num_threads()
-        hs = h.contiguous().clone()
+        hs = h.contiguous()  # the step's own embedding output: the layers overwrite it in place
         res = torch.zeros_like(hs)  # 0 + h is h: the first layer's residual, as the torch layers start it
         for s, layer in zip(self.structs, self.model.layers):
             attn = layer.self_attn.attn

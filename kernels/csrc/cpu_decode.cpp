@@ -194,8 +194,6 @@ static attend_t pick_attend(int D) {
 
 extern "C" {
 
-int ol_panel_width(void) { return NW; }
-
 // Floats of the packed form of a weight [N, K].
 long ol_pack_size(long N, long K) { return ((N + NW - 1) / NW) * K * NW; }
 

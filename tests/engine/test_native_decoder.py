@@ -36,14 +36,17 @@ def _run(eng, names, max_tokens=12, logprobs=2):
 
 @pytest.fixture
 def count_layers(monkeypatch):
-    calls = {"n": 0}
-    real = native_cpu.decoder_layer
+    """Calls of the fused layer ("n") and of the per-projection native attention ("attention")."""
+    calls = {"n": 0, "attention": 0}
 
-    def counted(*a):
-        calls["n"] += 1
-        return real(*a)
+    def counting(key, real):
+        def counted(*a, **kw):
+            calls[key] += 1
+            return real(*a, **kw)
+        return counted
 
-    monkeypatch.setattr(native_cpu, "decoder_layer", counted)
+    monkeypatch.setattr(native_cpu, "decoder_layer", counting("n", native_cpu.decoder_layer))
+    monkeypatch.setattr(native_cpu, "decode_attention", counting("attention", native_cpu.decode_attention))
     return calls
 
 
@@ -89,12 +92,25 @@ def test_an_adapter_swapped_into_a_slot_is_what_the_next_step_reads(tiny_llama_d
     assert count_layers["n"] > 0
 
 
-def test_larger_steps_and_training_keep_the_torch_paths(tiny_llama_dir, tiny_adapters, count_layers):
-    eng = _engine(tiny_llama_dir, tiny_adapters, native=True, max_num_seqs=32)
-    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
-    eng.generate([[1, 2, 3, 4]] * (native_cpu.MAX_GEMM_TOKENS + 1), params)
-    prefill_only = count_layers["n"]
-    assert prefill_only == 0  # 17 decoding sequences: above the native step size, every step went to torch
+def test_larger_decode_steps_take_the_per_projection_kernels_and_match(tiny_llama_dir, tiny_adapters, count_layers):
+    """17 decoding sequences: above the fused layer's step size, so each projection's native matmul/LoRA
+    (up to 64 tokens) and the native attention run instead; tokens, logprobs and influence as the torch paths."""
+    n = native_cpu.MAX_GEMM_TOKENS + 1
+    prompts = [PROMPTS[i % len(PROMPTS)] + [i + 1] for i in range(n)]
+    names = [["a4", "b8", None, "c16"][i % 4] for i in range(n)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
+    runs = []
+    for native in (False, True):
+        eng = _engine(tiny_llama_dir, tiny_adapters, native=native, max_num_seqs=32, num_kv_blocks=128)
+        runs.append(eng.generate(prompts, params, adapters=names))
+    layers = len(eng.model.layers)
+    # the full-batch decode steps (4 or 5, depending on how the prefill was chunked) ran per projection
+    assert count_layers["attention"] >= 4 * layers
+    _assert_same(runs[1], runs[0])
+
+
+def test_training_keeps_the_torch_path(tiny_llama_dir, tiny_adapters):
+    eng = _engine(tiny_llama_dir, tiny_adapters, native=True)
     with torch.enable_grad():
         h = eng.model.embed_tokens(torch.tensor([1, 2]))
         cos, sin = eng.model.rotary.tables(torch.tensor([0, 1]), h.dtype)
