@@ -119,6 +119,17 @@ def gemm_floor(model, batch: int, repeats: int = 7) -> dict:
             "native_ms": ms(t_nat), "floor_tok_s": round(batch / t, 2)}
 
 
+def layout_bytes(model) -> dict:
+    """Bytes of the model's parameters and of the extra CPU decode layouts it holds (oneDNN-packed, column-major
+    and native panel-packed copies of the projections and the lm_head)."""
+    layouts = [m.cpu_decode for m in model.modules() if getattr(m, "cpu_decode", None) is not None]
+    layouts += [model.cpu_decode_lm_head] if model.cpu_decode_lm_head is not None else []
+    extra = sum(t.numel() * t.element_size() for lay in layouts
+                for t in (lay.single, lay.packed, None if lay.native is None else lay.native.data) if t is not None)
+    return {"weights_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6),
+            "extra_layouts_mb": round(extra / 1e6)}
+
+
 def best(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -163,7 +174,9 @@ def main() -> int:
     engine = LLMEngine(model_dir, EngineConfig(num_kv_blocks=256, num_lora_slots=4, max_lora_rank=16,
                                                max_num_seqs=16, cpu_native_kernels=args.native == "on"))
     native_layers = engine.model.native_decoder is not None
-    print(f"native CPU kernels: {'on' if native_layers else 'off'}", flush=True)
+    memory = layout_bytes(engine.model)
+    print(f"native CPU kernels: {'on' if native_layers else 'off'}; weights {memory['weights_mb']} MB, "
+          f"extra decode layouts {memory['extra_layouts_mb']} MB", flush=True)
     for name, path in adapters.items():
         engine.register_adapter(name, path)
     prompts = [engine.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
@@ -266,7 +279,8 @@ def main() -> int:
     print(f"influence statistics cost {100 * results['influence_overhead']['overhead']:.1f}% on the mixed batch")
     report = {"model": str(model_dir), "new_tokens_per_request": n_new, "threads": args.threads,
               "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
-              "repeats": args.repeats, "native_kernels": native_layers, "results": results,
+              "repeats": args.repeats, "native_kernels": native_layers, "memory": memory,
+              "results": results,
               # ratio targets, each against the baseline it names; the sequential baseline is context only
               "targets": {"single": 1.0, "mixed_8x3_vs_batched": 3.0},
               "targets_met": {"single": results["single"]["ratio"] >= 1.0,
