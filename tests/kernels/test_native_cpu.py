@@ -116,3 +116,53 @@ def test_disabled_by_environment_and_built_once_per_cache_key(tmp_path):
         assert out.stdout == "False"
         built = [p.name for p in tmp_path.iterdir()]
         assert len(built) == 1 and built[0].startswith("cpu_decode-") and built[0].endswith(".so")
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 4, 24), (8, 2, 128), (2, 1, 8)])
+def test_decode_attention_matches_torch(heads, kv_heads, d):
+    """RoPE, the KV write at each token's slot and attention over a paged context, against float64 torch:
+    contexts of 1 to 70 tokens over shuffled blocks of 16, and a padding token (slot -1) that writes nothing."""
+    bs, nblocks, lens = 16, 40, [1, 17, 70, 33, 5]
+    T = len(lens)
+    g = torch.Generator().manual_seed(11)
+    kc, vc = torch.randn(nblocks, bs, kv_heads, d, generator=g), torch.randn(nblocks, bs, kv_heads, d, generator=g)
+    perm = torch.randperm(nblocks, generator=g)
+    tables = torch.full((T, 6), -1, dtype=torch.int32)
+    used = 0
+    for t, n in enumerate(lens):
+        nb = -(-n // bs)
+        tables[t, :nb] = perm[used:used + nb].to(torch.int32)
+        used += nb
+    slots = torch.tensor([int(tables[t, (n - 1) // bs]) * bs + (n - 1) % bs for t, n in enumerate(lens)])
+    slots[3] = -1  # padding: its key and value stay as they are; it attends over what is there
+    qkv = torch.randn(T, (heads + 2 * kv_heads) * d, generator=g)
+    pos = torch.tensor(lens) - 1
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2).double() / d)
+    ang = pos.double()[:, None] * inv[None, :]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    k_ref, v_ref = kc.double().clone(), vc.double().clone()
+    q = _rotate(qkv[:, :heads * d].double().view(T, heads, d), cos[:, None], sin[:, None])
+    k_new = _rotate(qkv[:, heads * d:(heads + kv_heads) * d].double().view(T, kv_heads, d), cos[:, None], sin[:, None])
+    v_new = qkv[:, (heads + kv_heads) * d:].double().view(T, kv_heads, d)
+    for t in range(T):
+        if slots[t] >= 0:
+            k_ref.view(-1, kv_heads, d)[slots[t]] = k_new[t]
+            v_ref.view(-1, kv_heads, d)[slots[t]] = v_new[t]
+    want = torch.empty(T, heads, d, dtype=torch.float64)
+    for t, n in enumerate(lens):
+        idx = torch.tensor([int(tables[t, i // bs]) * bs + i % bs for i in range(n)])
+        keys, vals = k_ref.view(-1, kv_heads, d)[idx], v_ref.view(-1, kv_heads, d)[idx]  # [n, kv, d]
+        for h in range(heads):
+            kvh = h // (heads // kv_heads)
+            p = torch.softmax(keys[:, kvh] @ q[t, h] * d**-0.5, dim=0)
+            want[t, h] = p @ vals[:, kvh]
+    got = native_cpu.decode_attention(qkv, cos.float(), sin.float(), kc, vc, slots, tables,
+                                      torch.tensor(lens, dtype=torch.int32), heads, d**-0.5)
+    torch.testing.assert_close(got.double().view(T, heads, d), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kc.double(), k_ref, rtol=1e-6, atol=1e-6)  # written where asked, nowhere else
+    torch.testing.assert_close(vc.double(), v_ref, rtol=0, atol=0)
