@@ -26,6 +26,8 @@ class Context:
     # influence: per token, sum over LoRA'd projections of |delta| / |base output|, and how many
     influence_sum: torch.Tensor | None = None  # [T] float32
     influence_count: int = 0
+    # Triton path: h and influence sums of every LoRA'd projection, zeroed once (engine/lora_workspace.py)
+    lora_workspace: Any = None
 
 
 _CONTEXT = Context()

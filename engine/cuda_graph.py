@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.context import Context, reset_context, set_context
+from engine.lora_workspace import begin_step, end_step, lora_sizes
 from engine.step_inputs import StepInputs
 from kernels import dispatch
 from kernels import lora as _lora
@@ -94,6 +95,7 @@ class StepGraphs:
         # a padding sequence's tokens must fit its block-table row (all of whose entries point at block 0)
         self.pad_cap = max_blocks * block_size
         self.lora_pool = lora_pool
+        self.lora_sizes = lora_sizes(model)
         self.emulate = emulate
         self.buckets = buckets(max_batch)
         self.max_batch = self.buckets[-1]
@@ -214,9 +216,12 @@ class StepGraphs:
             if influence:
                 ctx.influence_sum = self.influence_sum[:tokens]
                 ctx.influence_sum.zero_()
+            # allocated and zeroed inside the capture: the graph's own pool memory, one memset node per replay
+            begin_step(ctx, self.lora_sizes)
         set_context(ctx)
         try:
             hidden = self.model(self.input_ids[:tokens], self.positions[:tokens])
+            end_step(ctx)
         finally:
             reset_context()
         return hidden, ctx.influence_count

@@ -15,6 +15,7 @@ import torch
 from engine.context import Context, reset_context, set_context
 from engine.cuda_graph import StepGraphs
 from engine.layers.sampler import SampleResult, Sampler
+from engine.lora_workspace import begin_step, end_step, lora_sizes
 from engine.models.llama import LlamaForCausalLM
 from engine.scheduler import SchedulerOutput
 from engine.step_inputs import StepInputs
@@ -41,6 +42,7 @@ class ModelRunner:
         self.graphs: StepGraphs | None = None  # set by enable_cuda_graphs
         self.graph_steps = 0  # steps whose forward replayed a CUDA graph (or its CPU emulation)
         self.eager_steps = 0
+        self.lora_sizes = lora_sizes(model)  # sizes the per-step LoRA workspace (engine/lora_workspace.py)
         cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -91,6 +93,7 @@ class ModelRunner:
             ctx.lora_pool = self.lora_pool
             if self.collect_influence:
                 ctx.influence_sum = torch.zeros(T, dtype=torch.float32, device=dev)
+            begin_step(ctx, self.lora_sizes)
         return ids_t, pos_t, ctx, x
 
     @torch.inference_mode()
@@ -105,6 +108,7 @@ class ModelRunner:
             set_context(ctx)
             try:
                 hidden = self.model(input_ids, positions)
+                end_step(ctx)
             finally:
                 reset_context()
             infl_sum, infl_count = ctx.influence_sum, ctx.influence_count

@@ -674,12 +674,23 @@ def lora_shrink_triton(
     block_r: int | None = None,  # unused: the whole (stacked) rank axis is one block; kept for callers
     block_k: int | None = None,
     split_k: int | None = None,
+    out: torch.Tensor | None = None,  # a zeroed contiguous float32 [n_slices, T, max_rank] to write h into
 ) -> torch.Tensor:  # shape [n_slices, T, max_rank] float32
+    """h = x @ A of each token's adapter, per slice. `out` lets a caller hand in h from a buffer it zeroed once
+    for many projections (the engine zeroes one per step): on a CUDA-graphed decode step every memset is a
+    node of its own, and there is one h per projection."""
     _require_triton()
     _, max_rank = _check_shrink(x, lora_a, rank, meta)
     T, K = x.shape
     n = len(lora_a)
-    h = torch.zeros(n, T, max_rank, dtype=torch.float32, device=x.device)
+    if out is None:
+        h = torch.zeros(n, T, max_rank, dtype=torch.float32, device=x.device)
+    elif (out.shape != (n, T, max_rank) or out.dtype != torch.float32 or out.device != x.device
+          or not out.is_contiguous()):
+        raise ValueError(f"lora_shrink: out must be a contiguous float32 [{n}, {T}, {max_rank}] tensor on "
+                         f"{x.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+    else:
+        h = out
     if T == 0 or max_rank == 0 or meta.max_tiles == 0:
         return h
     if x.stride(1) != 1:

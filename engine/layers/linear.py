@@ -183,7 +183,14 @@ class LoRALinear(nn.Module):
         delta buffer, no row norms over [T, out]); then one ratio per token joins the influence sum."""
         a = [pool.lora_a[m][self.layer_idx] for m in mods]
         b = [pool.lora_b[m][self.layer_idx] for m in mods]
-        h = dispatch.lora_shrink(x, a, pool.rank, ctx.lora_meta)
+        h = self._shrink(x, a, pool, ctx)
+        ws = ctx.lora_workspace
+        sums = ws.take_sums(y.shape[0]) if ws is not None else None
+        if sums is not None:
+            # the ratio is taken once per step for all projections (LoRAWorkspace.finish)
+            lora_kernels.lora_expand_triton(y, h, b, pool.rank, pool.scale, ctx.lora_meta, influence=sums)
+            ctx.influence_count += 1
+            return y
         sums = torch.zeros(2, y.shape[0], dtype=torch.float32, device=y.device)
         lora_kernels.lora_expand_triton(y, h, b, pool.rank, pool.scale, ctx.lora_meta, influence=sums)
         sums.sqrt_()
@@ -201,8 +208,17 @@ class LoRALinear(nn.Module):
                 outs = out.split_with_sizes(widths, dim=1) if len(widths) > 1 else (out,)
                 lora_kernels.lora_live_rows(x, outs, rows, pool.scale, ctx.lora_meta)
                 return
-        h = dispatch.lora_shrink(x, a, pool.rank, ctx.lora_meta)
+        h = self._shrink(x, a, pool, ctx)
         dispatch.lora_expand(out, h, b, pool.rank, pool.scale, ctx.lora_meta)
+
+    @staticmethod
+    def _shrink(x: torch.Tensor, a: list[torch.Tensor], pool, ctx) -> torch.Tensor:
+        """h for these slices; in the step's zeroed workspace when there is one (Triton path) and it has room."""
+        ws = ctx.lora_workspace
+        out = ws.take_h(len(a), x.shape[0], a[0].shape[1]) if ws is not None else None
+        if out is not None:
+            return lora_kernels.lora_shrink_triton(x, a, pool.rank, ctx.lora_meta, out=out)
+        return dispatch.lora_shrink(x, a, pool.rank, ctx.lora_meta)
 
     @staticmethod
     def _live_rows_apply(x: torch.Tensor) -> bool:

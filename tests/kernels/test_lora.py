@@ -230,6 +230,31 @@ def test_triton_split_k_and_rank_blocks_match_loop(split_k, block_r):
     torch.testing.assert_close(y.cpu().double(), y_want, rtol=1e-4, atol=1e-4)
 
 
+def test_triton_shrink_writes_into_a_given_buffer():
+    """`out=`: h lands in the caller's zeroed piece of a larger buffer (the engine's per-step workspace), the
+    same values as a fresh h, nothing written outside the piece; a piece of the wrong shape is refused."""
+    ranks = [5, 16, 1]
+    a_list, _, rank, _ = make_pool(3, 16, 72, [24, 8, 8], ranks, torch.float32, seed=9)
+    slots = torch.tensor([1, 0, -1, 2, 1], dtype=torch.int32)
+    x = torch.randn(5, 72)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    meta = make_lora_meta(slots.to(DEVICE))
+    a_dev = [dev(a) for a in a_list]
+    fresh = lora_shrink_triton(dev(x), a_dev, dev(rank), meta, split_k=2, block_k=32)
+    buf = torch.zeros(3 * 5 * 16 + 7, device=DEVICE)
+    piece = buf[7:].view(3, 5, 16)
+    got = lora_shrink_triton(dev(x), a_dev, dev(rank), meta, split_k=2, block_k=32, out=piece)
+    assert got.data_ptr() == piece.data_ptr()
+    torch.testing.assert_close(got, fresh, rtol=1e-6, atol=1e-6)
+    assert not buf[:7].any()
+    h_want, _ = loop_lora(x, torch.zeros(5, 40), a_list, [torch.zeros(3, o, 16) for o in (24, 8, 8)], rank,
+                          torch.ones(3), slots)
+    has = slots >= 0
+    torch.testing.assert_close(got.cpu().double()[:, has], h_want[:, has], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="out must be"):
+        lora_shrink_triton(dev(x), a_dev, dev(rank), meta, out=buf[:3 * 5 * 15].view(3, 5, 15))
+
+
 @pytest.mark.parametrize("grid_programs,drop_count", [(1, False), (3, True)])
 def test_triton_persistent_loop_covers_every_item(monkeypatch, grid_programs, drop_count):
     """Grids far smaller than the work: each program loops over many (tile, K split) / (tile, column
