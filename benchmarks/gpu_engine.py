@@ -683,6 +683,12 @@ class Bench:
                  decode_floor_ms=round(floor_s * 1e3, 2) if floor_s else None,
                  step_over_floor=round(step_s / floor_s, 2) if step_s and floor_s else None,
                  decode_steps_measured=len(dec),
+                 # where the wall time goes: the runner's steps (forward, logits, sampling; synchronised) split
+                 # into pure-decode and prefill/mixed steps, and the host's work between them (scheduling,
+                 # stop checks, outputs, adapter-load waits)
+                 run_decode_s=round(sum(s["s"] for s in steps if s["decode"]), 3),
+                 run_prefill_s=round(sum(s["s"] for s in steps if not s["decode"]), 3),
+                 outside_run_s=round(wall - sum(s["s"] for s in steps), 3),
                  median_adapters_per_decode_step=float(np.median([s["adapters"] for s in dec])) if dec else 0,
                  host_to_device_loads=h2d["misses"], host_to_device_ms_per_load=round(h2d["ms"] / h2d["misses"], 2)
                  if h2d["misses"] else None,

@@ -183,7 +183,10 @@ class LLMEngine:
 
     # --- the loop ---
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, stream: bool = True) -> list[RequestOutput]:
+        """One engine step. Returns the outputs of the requests it moved on (with their new deltas); with
+        `stream=False` only those of requests it finished (offline callers: an output object per running
+        request per step is ~10 us of Python each, 2-3 ms a step at batch 256)."""
         out = self.scheduler.schedule()
         touched: dict[str, _Request] = {}
         for seq, message in out.failed:
@@ -191,7 +194,7 @@ class LLMEngine:
             if seq.request_id in self.requests:
                 touched[seq.request_id] = self.requests[seq.request_id]
         if out.is_empty:
-            return self._emit(touched)
+            return self._emit(touched, stream)
         result = self.runner.run(out)
         self.scheduler.postprocess(out)
         row = 0
@@ -217,9 +220,11 @@ class LLMEngine:
         # what the runner computed for the sampled rows, in order (read by parity tests)
         self.last_logits = result.logits
         self.last_rows = [e.seq.request_id for e in out.scheduled if e.sample]
-        return self._emit(touched)
+        return self._emit(touched, stream)
 
-    def _emit(self, touched: dict[str, _Request]) -> list[RequestOutput]:
+    def _emit(self, touched: dict[str, _Request], stream: bool = True) -> list[RequestOutput]:
+        if not stream:
+            touched = {k: r for k, r in touched.items() if all(s.is_finished for s in r.seqs)}
         outputs = [self._output(req) for req in touched.values()]
         for o in outputs:
             if o.finished:
@@ -302,7 +307,7 @@ class LLMEngine:
             raise
         done: dict[str, RequestOutput] = {}
         while len(done) < n:
-            outs = self.step()
+            outs = self.step(stream=False)
             if not outs and not self.scheduler.running:
                 time.sleep(0.001)  # only adapters loading in the background: wait for them
             for o in outs:

@@ -145,6 +145,32 @@ def test_n_completions_prefill_the_prompt_once(tiny_llama_dir, reference):
     assert eng.block_manager.num_free_blocks == 64
 
 
+def test_step_without_streaming_emits_only_finished_requests(tiny_llama_dir, reference):
+    """step(stream=False), as generate() runs it: no output for a request still running, and the final output
+    carries the whole text and tokens, the same as a streamed run's deltas add up to."""
+    eng = _engine(tiny_llama_dir)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 12)]
+    ids = [eng.add_request(p, sp) for p, sp in zip(PROMPTS[:2], params)]
+    seen = []
+    while eng.has_unfinished():
+        outs = eng.step(stream=False)
+        assert all(o.finished for o in outs)
+        seen += outs
+    finals = {o.request_id: o for o in seen}
+    assert sorted(finals) == sorted(ids) and len(seen) == 2
+    streamed = _engine(tiny_llama_dir)
+    sids = [streamed.add_request(p, sp) for p, sp in zip(PROMPTS[:2], params)]
+    text = {r: "" for r in sids}
+    toks = {r: [] for r in sids}
+    while streamed.has_unfinished():
+        for o in streamed.step():
+            text[o.request_id] += o.completions[0].delta_text
+            toks[o.request_id] += o.completions[0].delta_token_ids
+    for rid, sid, n in zip(ids, sids, (3, 12)):
+        assert finals[rid].token_ids == toks[sid] == reference[ids.index(rid)][:n]
+        assert finals[rid].text == text[sid]
+
+
 def test_stop_string_truncates_text_and_stop_token_ends(tiny_llama_dir, reference):
     eng = _engine(tiny_llama_dir)
     full = eng.generate([PROMPTS[0]], GREEDY)[0]
