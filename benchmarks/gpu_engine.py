@@ -250,6 +250,7 @@ class StepRecorder:
         sched = out.scheduled
         self.steps.append(dict(
             batch=len(sched), decode=all(s.num_new_tokens == 1 for s in sched),
+            tokens=sum(s.num_new_tokens for s in sched),
             ctx=sum(s.seq.num_computed_tokens + s.num_new_tokens for s in sched),
             adapters=len({s.seq.lora_slot for s in sched if s.seq.lora_slot >= 0}), s=dt))
         return res
@@ -689,6 +690,9 @@ class Bench:
                  run_decode_s=round(sum(s["s"] for s in steps if s["decode"]), 3),
                  run_prefill_s=round(sum(s["s"] for s in steps if not s["decode"]), 3),
                  outside_run_s=round(wall - sum(s["s"] for s in steps), 3),
+                 prefill_step_ms=pcts_ms([s["s"] for s in steps if not s["decode"]]),
+                 prefill_tokens_per_step=round(float(np.mean([s["tokens"] for s in steps if not s["decode"]])), 1)
+                 if any(not s["decode"] for s in steps) else None,
                  median_adapters_per_decode_step=float(np.median([s["adapters"] for s in dec])) if dec else 0,
                  host_to_device_loads=h2d["misses"], host_to_device_ms_per_load=round(h2d["ms"] / h2d["misses"], 2)
                  if h2d["misses"] else None,
