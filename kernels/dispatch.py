@@ -13,6 +13,7 @@ import os
 import torch
 
 from kernels import attention as _attn
+from kernels import elementwise as _elt
 from kernels import lora as _lora
 from kernels.lora import LoRABatchMeta, make_lora_meta
 
@@ -23,6 +24,9 @@ __all__ = [
     "lora_expand",
     "write_kv",
     "paged_attention",
+    "add_rmsnorm",
+    "silu_mul",
+    "rope_write_kv",
     "use_triton",
 ]
 
@@ -89,3 +93,37 @@ def paged_attention(
     if use_triton(q):
         return _attn.paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
     return _attn.paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+
+
+def add_rmsnorm(
+    x: torch.Tensor,  # shape [T, N]
+    residual: torch.Tensor | None,  # shape [T, N]
+    weight: torch.Tensor,  # shape [N]
+    eps: float,
+):  # out [T, N]; (out, x + residual) when a residual is given
+    if use_triton(x):
+        return _elt.add_rmsnorm_triton(x, residual, weight, eps)
+    return _elt.add_rmsnorm_ref(x, residual, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:  # shape [T, 2I] (gate | up) -> [T, I]
+    if use_triton(gate_up):
+        return _elt.silu_mul_triton(gate_up)
+    return _elt.silu_mul_ref(gate_up)
+
+
+def rope_write_kv(
+    qkv: torch.Tensor,  # shape [T, (H + 2*Hkv) * D]
+    cos: torch.Tensor,  # shape [T, 1, D] or [T, D]
+    sin: torch.Tensor,  # shape [T, 1, D] or [T, D]
+    k_cache: torch.Tensor,  # shape [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # shape [num_blocks, block_size, Hkv, D]
+    slot_mapping: torch.Tensor,  # shape [T], block * block_size + offset (< 0: not written)
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> torch.Tensor:  # q, shape [T, H, D], rotated
+    if use_triton(qkv):
+        return _elt.rope_write_kv_triton(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
+                                         head_dim)
+    return _elt.rope_write_kv_ref(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim)

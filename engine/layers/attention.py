@@ -67,6 +67,17 @@ class PagedAttention(nn.Module):
         if not q.is_cuda and not dispatch.use_triton(q) and not torch.is_grad_enabled():
             return self._forward_cpu(q, k, v, ctx)
         dispatch.write_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        return self.attend(q)
+
+    def rope_write_kv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """From the fused qkv output [T, (H + 2*Hkv) * D]: rotate q and k, write k and v into this layer's
+        caches (one kernel on the Triton path) -> rotated q [T, H, D], ready for `attend`."""
+        return dispatch.rope_write_kv(qkv, cos, sin, self.k_cache, self.v_cache, get_context().slot_mapping,
+                                      self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        """q [T, H, D] -> [T, H, D], attending over the caches, with this step's K/V already written."""
+        ctx = get_context()
         return dispatch.paged_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.seq_lens,
                                         ctx.query_start_loc, self.scale)
 

@@ -17,7 +17,7 @@ from engine.layers.linear import CpuDecodeLayouts, LoRALinear, column_major, cpu
 from engine.layers.rmsnorm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
 from engine.models.native_decoder import NativeDecoder
-from kernels import native_cpu
+from kernels import dispatch, native_cpu
 
 
 class LlamaAttention(nn.Module):
@@ -36,6 +36,10 @@ class LlamaAttention(nn.Module):
         o = self.attn.decode_from_qkv(qkv, cos, sin)  # CPU decode steps: one native call (or None)
         if o is not None:
             return self.o_proj(o)
+        if dispatch.use_triton(qkv):
+            # CUDA: one kernel rotates q and k and writes k and v into the cache (~6 small ops on the torch path)
+            o = self.attn.attend(self.attn.rope_write_kv(qkv, cos, sin))
+            return self.o_proj(o.reshape(t, self.q_size))
         # q and k sit side by side in the fused output: rotate them as one [T, H + Hkv, D] view
         # (one rotary call per layer instead of two; decode speed on CPU is counted in ops)
         qk = apply_rotary(qkv[:, :self.q_size + self.kv_size].view(t, self.heads + self.kv_heads, self.head_dim),
@@ -56,7 +60,10 @@ class LlamaMLP(nn.Module):
                                     bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if dispatch.use_triton(gate_up):
+            return self.down_proj(dispatch.silu_mul(gate_up))  # one kernel instead of two
+        gate, up = gate_up.split([self.inter, self.inter], dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -38,6 +38,6 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
     if "triton" in sys.modules:
         _rewrap_triton_language_for_interpreter()
-    for _name in ("kernels.lora", "kernels.attention", "kernels.quant"):
+    for _name in ("kernels.lora", "kernels.attention", "kernels.quant", "kernels.elementwise"):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
