@@ -31,13 +31,20 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
 
 SHAPES = {"qkv": (4096, [4096, 1024, 1024]), "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
 CASES = [(32, 1, 16), (32, 32, 16), (256, 1, 16), (256, 32, 16), (256, 256, 16), (256, 256, "mixed"),
-         (4096, 4, 16), (4096, 0, 16)]
+         (4096, 1, 16), (4096, 4, 16), (4096, 0, 16)]
 VARIANTS = {  # lora.TUNING settings swept (the first is the current default)
     "default": {},
     "g4": dict(shrink_grid=4, expand_grid=4),
     "g16": dict(shrink_grid=16, expand_grid=16),
     "bn256": dict(block_n=256),
     "bn64_it528": dict(shrink_items=528, block_n=64),
+    # the expand's settings for tall (prefill) tiles and its warps at decode
+    "tall_bn256": dict(block_n_tall=256),
+    "tall_bn64": dict(block_n_tall=64),
+    "tall_w8": dict(expand_warps_tall=8),
+    "tall_bn256_w8": dict(block_n_tall=256, expand_warps_tall=8),
+    "dec_w2": dict(expand_warps=2),
+    "dec_w8": dict(expand_warps=8),
 }
 
 
@@ -46,6 +53,9 @@ def main():
     ap.add_argument("--json", default="kernels_lora.json")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--variants", default="", help="comma-separated subset of VARIANTS (default: all)")
+    ap.add_argument("--cases", default="", help="comma-separated T:adapters subset of CASES (default: all)")
+    ap.add_argument("--influence", action="store_true",
+                    help="the expand also sums the per-token influence statistics (as the engine runs it)")
     args = ap.parse_args()
     variants = {k: v for k, v in VARIANTS.items() if not args.variants or k in args.variants.split(",")}
     bw = copy_bandwidth()
@@ -55,7 +65,9 @@ def main():
     for shape in args.shapes:
         hidden, outs = SHAPES[shape]
         for T, n_ad, rank_kind in CASES:
-            if shape != "qkv" and (rank_kind == "mixed" or T == 4096):
+            if args.cases and f"{T}:{n_ad}" not in args.cases.split(","):
+                continue
+            if shape != "qkv" and (rank_kind == "mixed" or T == 4096) and not args.cases:
                 continue
             max_rank = 64 if rank_kind == "mixed" else 16
             ranks = (torch.tensor([1, 7, 16, 64] * (slots_n // 4)) if rank_kind == "mixed"
@@ -77,9 +89,11 @@ def main():
                 lora.TUNING.clear()
                 lora.TUNING.update(base_tuning, **tune)
 
+                sums = torch.zeros(2, T, device="cuda") if args.influence else None
+
                 def run():
                     h = lora_shrink_triton(x, a, ranks, meta)
-                    lora_expand_triton(y, h, b, ranks, scale, meta)
+                    lora_expand_triton(y, h, b, ranks, scale, meta, influence=sums)
 
                 # graph replay removes launch gaps, as in the engine's decode graphs
                 run()
@@ -92,7 +106,8 @@ def main():
             del a, b
     lora.TUNING.clear()
     lora.TUNING.update(base_tuning)
-    res = dict(device=torch.cuda.get_device_name(), copy_bw_tb_s=bw / 1e12, variants=variants, rows=rows)
+    res = dict(device=torch.cuda.get_device_name(), copy_bw_tb_s=bw / 1e12, variants=variants, rows=rows,
+               influence=args.influence)
     Path(args.json).write_text(json.dumps(res, indent=1))
     print(f"LoRA shrink+expand us (graph replay), copy bw {bw / 1e12:.2f} TB/s; variants {variants}")
     print(f"{'shape':>7} {'T':>5} {'adapt':>5} {'rank':>5} {'floor':>7} " + " ".join(f"{v:>10}" for v in variants))

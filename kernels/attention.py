@@ -271,7 +271,9 @@ if HAVE_TRITON:
         tl.store(k_cache_ptr + slot * stride_cs + offs, kr, mask=m)
         tl.store(v_cache_ptr + slot * stride_cs + offs, vr, mask=m)
 
-    @triton.jit
+    # T_total varies with the step: not specialised on, so an eager step of any token count reuses the
+    # compiled kernel (kernels/lora.py says why)
+    @triton.jit(do_not_specialize=["T_total"])
     def _paged_attention_kernel(
         # pointers
         q_ptr,  # shape [T, H, D]

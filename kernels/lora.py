@@ -390,7 +390,10 @@ def lora_live_rows(
 
 if HAVE_TRITON:
 
-    @triton.jit
+    # Integers that change with the step's token count are not specialised on (Triton would otherwise compile a
+    # variant per divisibility class: an eager step with an odd token count stalled ~1.5 s compiling new ones
+    # mid-serving); the per-projection sizes and strides stay specialised for vectorised loads.
+    @triton.jit(do_not_specialize=["T", "MAX_TILES", "SPLIT_K"])
     def _lora_shrink_kernel(
         # pointers
         x_ptr,  # shape [T, K]
@@ -497,7 +500,7 @@ if HAVE_TRITON:
             else:
                 tl.store(h_ptr + h_off, acc, mask=h_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "MAX_TILES"])  # see the shrink kernel
     def _lora_expand_kernel(
         # pointers
         y_ptr,  # shape [T, N_total], updated in place
@@ -620,7 +623,9 @@ def _require_triton() -> None:
 # *_grid: programs per SM of the persistent grids (capped by the worst-case number of work items).
 # shrink_items: work items wanted when the whole batch is on one adapter; K is split to reach it.
 # block_n: output columns per expand work item.
-TUNING = dict(shrink_grid=8, expand_grid=8, shrink_items=264, block_k=128, block_n=128, num_warps=4)
+# *_tall: the expand's settings for tall (block_m >= 64, prefill-sized) tiles, whose y blocks are 4x larger.
+TUNING = dict(shrink_grid=8, expand_grid=8, shrink_items=264, block_k=128, block_n=128, num_warps=4,
+              expand_warps=4, block_n_tall=128, expand_warps_tall=4)
 
 _TABLE_CACHE: dict[tuple, torch.Tensor] = {}
 _SM_COUNT: dict[str, int] = {}
@@ -755,7 +760,8 @@ def lora_expand_triton(
     cols = [0]
     for o in outs[:-1]:
         cols.append(cols[-1] + o)
-    block_n = block_n or TUNING["block_n"]
+    tall = meta.block_m >= 64
+    block_n = block_n or TUNING["block_n_tall" if tall else "block_n"]
     # one int64 table of 5 rows per column block: slice, first column in the slice, first column in y,
     # slice width, lora_b base address (cached by value: one per layer/module after the warm-up)
     blocks = [(i, n0, cols[i] + n0, o, lora_b[i].data_ptr()) for i, o in enumerate(outs) for n0 in range(0, o, block_n)]
@@ -773,7 +779,8 @@ def lora_expand_triton(
         BLOCK_M=meta.block_m, BLOCK_N=block_n, R_PAD=max(16, _pow2(max_rank)),
         B_ALIGN=_align([b.data_ptr() for b in lora_b], 16),
         Y_ALIGN=_align([b[2] * esize for b in blocks] + [y.data_ptr(), y.stride(0) * esize], 16) // esize,
-        PRECISION=_precision(y.dtype), INFLUENCE=influence is not None, num_warps=TUNING["num_warps"],
+        PRECISION=_precision(y.dtype), INFLUENCE=influence is not None,
+        num_warps=TUNING["expand_warps_tall" if tall else "expand_warps"],
     )
     return y
 

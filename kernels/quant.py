@@ -90,7 +90,7 @@ def quant_matmul_ref(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:  # s
 
 if HAVE_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # M is the step's token count (kernels/lora.py says why)
     def _quant_matmul_kernel(
         # pointers
         x_ptr,  # shape [M, K]
