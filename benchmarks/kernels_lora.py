@@ -41,10 +41,19 @@ VARIANTS = {  # lora.TUNING settings swept (the first is the current default)
     # the expand's settings for tall (prefill) tiles and its warps at decode
     "tall_bn256": dict(block_n_tall=256),
     "tall_bn64": dict(block_n_tall=64),
+    "tall_bn128": dict(block_n_tall=128),
     "tall_w8": dict(expand_warps_tall=8),
     "tall_bn256_w8": dict(block_n_tall=256, expand_warps_tall=8),
     "dec_w2": dict(expand_warps=2),
+    "dec_w4": dict(expand_warps=4),
     "dec_w8": dict(expand_warps=8),
+    "dec_w1": dict(expand_warps=1),
+    "dec_bn64": dict(block_n=64),
+    "dec_bn256": dict(block_n=256),
+    "tall_bn32": dict(block_n_tall=32),
+    "tall_w2": dict(expand_warps_tall=2),
+    "shr_w2": dict(num_warps=2),
+    "shr_w8": dict(num_warps=8),
 }
 
 

@@ -624,8 +624,10 @@ def _require_triton() -> None:
 # shrink_items: work items wanted when the whole batch is on one adapter; K is split to reach it.
 # block_n: output columns per expand work item.
 # *_tall: the expand's settings for tall (block_m >= 64, prefill-sized) tiles, whose y blocks are 4x larger.
+# Measured on the H100 with influence on (benchmarks/kernels_lora.py --influence, RESULTS.md session 6): 2 warps
+# for the expand at decode (-5..-28% at 256 tokens), 64-column blocks for tall tiles (-11..-18% at 4,096).
 TUNING = dict(shrink_grid=8, expand_grid=8, shrink_items=264, block_k=128, block_n=128, num_warps=4,
-              expand_warps=4, block_n_tall=128, expand_warps_tall=4)
+              expand_warps=2, block_n_tall=64, expand_warps_tall=4)
 
 _TABLE_CACHE: dict[tuple, torch.Tensor] = {}
 _SM_COUNT: dict[str, int] = {}
