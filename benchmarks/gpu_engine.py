@@ -248,7 +248,7 @@ class StepRecorder:
         self.sync()
         dt = time.perf_counter() - t0
         sched = out.scheduled
-        self.steps.append(dict(
+        self.steps.append(dict(t0=t0,
             batch=len(sched), decode=all(s.num_new_tokens == 1 for s in sched),
             tokens=sum(s.num_new_tokens for s in sched),
             ctx=sum(s.seq.num_computed_tokens + s.num_new_tokens for s in sched),
@@ -260,13 +260,17 @@ def percentile(xs, q):
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if xs else None
 
 
-def pcts_ms(xs_s) -> dict | None:
-    """p50/p90/p99/mean (ms) of durations in seconds; None when there are none."""
-    if not len(xs_s):
+def pcts(xs) -> dict | None:
+    """n, p50/p90/p99 and mean of some values; None when there are none."""
+    if not len(xs):
         return None
-    ms = [x * 1e3 for x in xs_s]
-    return {"n": len(ms), "p50": round(percentile(ms, 50), 2), "p90": round(percentile(ms, 90), 2),
-            "p99": round(percentile(ms, 99), 2), "mean": round(float(np.mean(ms)), 2)}
+    return {"n": len(xs), "p50": round(percentile(xs, 50), 2), "p90": round(percentile(xs, 90), 2),
+            "p99": round(percentile(xs, 99), 2), "mean": round(float(np.mean(xs)), 2)}
+
+
+def pcts_ms(xs_s) -> dict | None:
+    """pcts (ms) of durations in seconds."""
+    return pcts([x * 1e3 for x in xs_s])
 
 
 def graph_counters(runner) -> dict:
@@ -484,11 +488,14 @@ class OnlineTrace:
         self.tokens: dict[int, int] = {}
         self.done: dict[int, float] = {}
         self.itl: list[float] = []
+        self.first_step: dict[int, dict] = {}  # the runner step that produced the first token (StepRecorder)
 
-    def record(self, k: int, t: float, new_tokens: int, finished: bool) -> None:
+    def record(self, k: int, t: float, new_tokens: int, finished: bool, step: dict | None = None) -> None:
         if new_tokens:
             if k not in self.first:
                 self.first[k] = t
+                if step is not None:
+                    self.first_step[k] = step
             else:
                 # a step delivers one token per request; should one deliver more, share the gap between them
                 self.itl.extend([(t - self.last[k]) / new_tokens] * new_tokens)
@@ -503,10 +510,17 @@ class OnlineTrace:
         e2e = [self.done[k] - self.arrivals[k] for k in self.done]
         span = (max(self.done.values()) - float(self.arrivals[0])) if self.done else None
         ntok = sum(self.tokens.values())
+        # TTFT = waiting (arrival -> start of the step that prefilled the request: the step in flight, adapter
+        # loads, a full batch) + that step's run (forward, logits, sampling) + the host's step bookkeeping
+        fs = self.first_step
+        wait = [fs[k]["start"] - self.arrivals[k] for k in fs]
         return dict(completed=len(self.done), output_tokens=ntok, duration_s=round(span, 3) if span else None,
                     achieved_rps=round(len(self.done) / span, 3) if span else None,
                     output_tok_s=round(ntok / span, 1) if span else None,
-                    ttft_ms=pcts_ms(ttft), itl_ms=pcts_ms(self.itl), tpot_ms=pcts_ms(tpot), e2e_ms=pcts_ms(e2e))
+                    ttft_ms=pcts_ms(ttft), itl_ms=pcts_ms(self.itl), tpot_ms=pcts_ms(tpot), e2e_ms=pcts_ms(e2e),
+                    ttft_wait_ms=pcts_ms(wait), ttft_step_ms=pcts_ms([fs[k]["s"] for k in fs]),
+                    ttft_after_step_ms=pcts_ms([self.first[k] - fs[k]["start"] - fs[k]["s"] for k in fs]),
+                    ttft_step_tokens=pcts([fs[k]["tokens"] for k in fs]))
 
 
 class Bench:
@@ -740,10 +754,13 @@ class Bench:
                     break
                 time.sleep(max(0.0, float(arrivals[nxt]) - (time.perf_counter() - t0)))  # idle until the next one
                 continue
+            n_steps = len(rig.rec.steps)
             outs = engine.step()  # the sampler syncs: token times are when the tokens exist on the host
             t = time.perf_counter() - t0
+            last = rig.rec.steps[-1] if len(rig.rec.steps) > n_steps else None
+            step = None if last is None else dict(start=last["t0"] - t0, s=last["s"], tokens=last["tokens"])
             for o in outs:
-                trace.record(ids[o.request_id], t, len(o.completions[0].delta_token_ids), o.finished)
+                trace.record(ids[o.request_id], t, len(o.completions[0].delta_token_ids), o.finished, step)
             if not outs and not engine.scheduler.running:
                 time.sleep(0.0005)  # only adapters loading in the background: wait for them
         rig.rec.steps.clear()

@@ -103,7 +103,8 @@ class LLMEngine:
         eos = frozenset(self.tokenizer.eos_token_ids | set(self.model_config.eos_token_ids))
         self.eos_token_ids = eos
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, adapters)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, adapters,
+                                   adapter_wait_s=config.adapter_admit_wait_ms / 1000.0)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, Sampler(eos),
                                   lora_pool=adapters.pool, collect_influence=config.collect_influence)
         if config.cuda_graphs and self.runner.device.type == "cuda":

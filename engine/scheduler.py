@@ -17,6 +17,7 @@ Order of business each step:
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -29,7 +30,7 @@ from engine.sequence import Sequence, SequenceStatus
 class AdapterSlots(Protocol):
     """The part of engine.adapters.AdapterCache the scheduler needs."""
 
-    def request(self, ref) -> int | None: ...
+    def request(self, ref, wait_s: float = 0.0) -> int | None: ...
 
     def release(self, slot: int) -> None: ...
 
@@ -61,11 +62,15 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 adapters: AdapterSlots | None = None):
+                 adapters: AdapterSlots | None = None, adapter_wait_s: float = 0.0):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.adapters = adapters
+        # per step: how long admission may wait for adapter loads it starts to be queued on the device, so
+        # their requests join this step (EngineConfig.adapter_admit_wait_ms)
+        self.adapter_wait_s = adapter_wait_s
+        self._wait_left = 0.0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -79,6 +84,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         scheduled_ids: set[int] = set()
+        self._wait_left = self.adapter_wait_s
 
         # 1. running sequences, oldest first
         i = 0
@@ -174,7 +180,12 @@ class Scheduler:
     def _acquire_slot(self, seq: Sequence) -> bool:
         if seq.adapter is None or seq.lora_slot >= 0:
             return True
-        slot = self.adapters.request(seq.adapter)
+        if self._wait_left > 0:
+            t0 = time.perf_counter()
+            slot = self.adapters.request(seq.adapter, wait_s=self._wait_left)
+            self._wait_left -= time.perf_counter() - t0
+        else:
+            slot = self.adapters.request(seq.adapter)
         if slot is None:
             return False
         seq.lora_slot = slot

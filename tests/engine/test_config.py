@@ -66,6 +66,9 @@ def test_engine_config_validation():
         EngineConfig(block_size=0).validate()
     with pytest.raises(EngineConfigError, match="float32"):
         EngineConfig(dtype="bf16").torch_dtype()
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(EngineConfigError, match="adapter_admit_wait_ms"):
+            EngineConfig(adapter_admit_wait_ms=bad).validate()
     cfg = ModelConfig.from_dict(LLAMA)
     # 2 layers * (k+v) * 16 tokens * 32 kv values * 4 bytes = 8 KiB per block
     assert EngineConfig(kv_cache_bytes=80 * 1024).kv_blocks_for(cfg) == 10

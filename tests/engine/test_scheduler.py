@@ -97,3 +97,59 @@ def test_finish_frees_blocks_at_once():
     assert bm.num_free_blocks == 5
     sched.finish(s, "abort")
     assert bm.num_free_blocks == 8 and not sched.has_unfinished() and s.finish_reason == "abort"
+
+
+class _SlowSlots:
+    """Adapter slots whose loads become ready only after `ready_after` seconds of waiting in request()."""
+
+    def __init__(self, ready_after: float):
+        self.ready_after = ready_after
+        self.calls: list[tuple[str, float]] = []
+        self.slots: dict[str, int] = {}
+
+    def request(self, ref, wait_s: float = 0.0):
+        self.calls.append((ref, wait_s))
+        if ref in self.slots:
+            return self.slots[ref]
+        if wait_s >= self.ready_after:
+            import time
+
+            time.sleep(self.ready_after)
+            self.slots[ref] = len(self.slots)
+            return self.slots[ref]
+        return None
+
+    def release(self, slot: int) -> None:
+        pass
+
+
+def _adapter_seq(n, rid, adapter):
+    s = Sequence(rid, 0, list(range(1, n + 1)), SamplingParams())
+    s.adapter = adapter
+    return s
+
+
+def test_admission_waits_for_adapter_loads_within_one_budget_per_step():
+    """The wait budget is shared by the admissions of one step (each load's wait comes off it) and renewed every
+    step; with no budget requests are asked once without waiting, as before."""
+    slots = _SlowSlots(ready_after=0.03)
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=256, adapters=slots,
+                      adapter_wait_s=0.05)
+    for i, a in enumerate(("a", "b", "c")):
+        sched.add(_adapter_seq(4, f"r{i}", a))
+    out = sched.schedule()
+    # a fits the 50 ms budget (30 ms); b is asked with the ~20 ms left and is not ready; c gets what remains
+    assert [e.seq.request_id for e in out.scheduled] == ["r0"]
+    assert slots.calls[0] == ("a", 0.05)
+    assert 0 < slots.calls[1][1] < 0.03
+    assert out.num_waiting_for_adapter == 2
+    slots.calls.clear()
+    out = sched.schedule()  # a new step, a new budget: b loads within it
+    assert slots.calls[0] == ("b", 0.05)
+    assert "r1" in [e.seq.request_id for e in out.scheduled]
+
+    none = _SlowSlots(ready_after=0.0)
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=256, adapters=none)
+    sched.add(_adapter_seq(4, "r", "a"))
+    sched.schedule()
+    assert none.calls == [("a", 0.0)]

@@ -283,3 +283,32 @@ def test_store_lists_safe_adapter_folders(adapters, model_config, tmp_path):
         refused = store.register_all(cache)
         assert list(refused) == ["mlp2"] and "DoRA" in str(refused["mlp2"])
         assert [s.name for s, *_ in cache.list()] == ["qv4"]
+
+
+def test_admit_wait_is_a_cuda_path_and_changes_nothing_on_cpu(cache, adapters):
+    """On CPU, request(wait_s=...) behaves as before: the load starts in the background and None comes back."""
+    assert cache.request("qv4", wait_s=5.0) is None
+    slot = wait_slot(cache, "qv4")
+    assert_holds(cache, adapters, slot, "qv4")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device copy and its stream wait need CUDA "
+                    "(run on the GPU: pytest --confcutdir=tests/engine/adapters tests/engine/adapters)")
+def test_admit_wait_hands_out_a_slot_whose_copy_is_queued(model_config, adapters):
+    """With wait_s, the first request returns the slot as soon as the loader has queued the device copy; the
+    current stream waits for it, so what runs on that stream next reads the adapter's weights; the load's
+    bookkeeping completes on a later request."""
+    cache = make_cache(model_config, adapters, device="cuda")
+    try:
+        slot = cache.request("all8", wait_s=5.0)
+        assert slot is not None
+        for (module, layer), ref in adapters.refs["all8"].items():  # read on the current stream, after the copy
+            torch.testing.assert_close(slot_delta(cache.pool, slot, module, layer).cpu(), ref, rtol=1e-5, atol=1e-6)
+        torch.cuda.synchronize()
+        other = wait_slot(cache, "qv4")  # any later request reaps finished loads
+        assert cache.pool.slots[slot].ready and cache.pool.slots[other].ready
+        assert tier_of(cache, "all8")[2] == 1
+        cache.release(slot)
+        cache.release(other)
+    finally:
+        cache.close()
