@@ -420,6 +420,8 @@ def parse_args(argv=None):
     ap.add_argument("--configs", help="comma-separated offline config labels to run (default: all; 'none': no "
                                       "offline configs)")
     ap.add_argument("--no-influence", action="store_true", help="EngineConfig.collect_influence=False")
+    ap.add_argument("--admit-wait-ms", type=float, default=EngineConfig.adapter_admit_wait_ms,
+                    help="EngineConfig.adapter_admit_wait_ms (0: a request whose adapter loads waits a step)")
     ap.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="on",
                     help="EngineConfig.cuda_graphs; both: every engine run twice, graphs off then on")
     ap.add_argument("--no-graph-warmup", action="store_true",
@@ -600,7 +602,7 @@ class Bench:
                             max_model_len=self.max_model_len,
                             num_lora_slots=slots, max_lora_rank=max_rank, collect_influence=not args.no_influence,
                             cuda_graphs=graphs, cuda_graph_max_batch=max_seqs, quantization=quantization,
-                            quant_group_size=quant_group_size)
+                            quant_group_size=quant_group_size, adapter_admit_wait_ms=args.admit_wait_ms)
         if args.smoke:
             pool_elems, host_bytes = 1 << 20, 64 << 20
         cache = SyntheticAdapterCache(self.mcfg, num_slots=slots, max_rank=max_rank, device=self.device,
