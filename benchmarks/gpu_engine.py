@@ -256,6 +256,27 @@ class StepRecorder:
         return res
 
 
+class GcPauses:
+    """Python's cyclic garbage collections while recording: (generation, ms) each. A full (generation 2) pass
+    walks every tracked object of a process that has imported torch, transformers and triton."""
+
+    def __init__(self):
+        self.pauses: list[tuple[int, float]] = []
+        self._t0 = 0.0
+        gc.callbacks.append(self._cb)
+
+    def _cb(self, phase, info):
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], (time.perf_counter() - self._t0) * 1e3))
+
+    def summary(self) -> dict:
+        full = [ms for g, ms in self.pauses if g == 2]
+        return dict(collections=len(self.pauses), total_ms=round(sum(ms for _, ms in self.pauses), 1),
+                    full_collections=len(full), full_max_ms=round(max(full), 1) if full else None)
+
+
 def percentile(xs, q):
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if xs else None
 
@@ -420,6 +441,7 @@ def parse_args(argv=None):
     ap.add_argument("--configs", help="comma-separated offline config labels to run (default: all; 'none': no "
                                       "offline configs)")
     ap.add_argument("--no-influence", action="store_true", help="EngineConfig.collect_influence=False")
+    ap.add_argument("--gc-freeze", action="store_true", help="gc.collect() + gc.freeze() once the engine is up")
     ap.add_argument("--admit-wait-ms", type=float, default=EngineConfig.adapter_admit_wait_ms,
                     help="EngineConfig.adapter_admit_wait_ms (0: a request whose adapter loads waits a step)")
     ap.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="on",
@@ -535,6 +557,7 @@ class Bench:
         self.modes = graph_modes(args.cuda_graphs)
         self.out_path = Path(args.out) / "gpu_engine.json"
         self.t_start = time.time()
+        self.gc = GcPauses()
         self.rng = np.random.default_rng(0)
         self.tmp = Path(tempfile.mkdtemp(prefix="gpu-engine-"))
         self.model_dir = write_config(self.tmp / ("tiny-shape" if args.smoke else "llama3-8b-shape"),
@@ -623,6 +646,12 @@ class Bench:
             # shapes), so the smoke run exercises the graph-mode plumbing here without a GPU
             runner.enable_cuda_graphs(max_seqs, engine.max_model_len, emulate=True, max_tokens=args.max_batched_tokens)
         self.sync()
+        if args.gc_freeze:
+            # what a serving process does once its engine is up (node/serving.py): start-up objects (modules,
+            # graphs, imported libraries) move out of the collector's reach, so a full collection no longer
+            # walks them
+            gc.collect()
+            gc.freeze()
         return Rig(engine, cache, StepRecorder(engine.runner, self.sync), graphs, weight_bytes)
 
     def close_rig(self, rig: Rig) -> None:
@@ -670,10 +699,12 @@ class Bench:
         g_before = graph_counters(engine.runner)
         rec.steps.clear()
         self.sync()
+        self.gc.pauses.clear()
         t = time.perf_counter()
         outs = engine.generate(ps, params, adapters=names)
         self.sync()
         wall = time.perf_counter() - t
+        gc_pauses = self.gc.summary()
         ntok = sum(len(o.token_ids) for o in outs)
         failed = sum(1 for o in outs if o.completions[0].finish_reason == "error")
         if failed:  # e.g. an adapter that could not load: say so instead of printing a silent 0 tok/s row
@@ -707,6 +738,7 @@ class Bench:
                  run_prefill_s=round(sum(s["s"] for s in steps if not s["decode"]), 3),
                  outside_run_s=round(wall - sum(s["s"] for s in steps), 3),
                  prefill_step_ms=pcts_ms([s["s"] for s in steps if not s["decode"]]),
+                 gc_pauses=gc_pauses,
                  prefill_tokens_per_step=round(float(np.mean([s["tokens"] for s in steps if not s["decode"]])), 1)
                  if any(not s["decode"] for s in steps) else None,
                  median_adapters_per_decode_step=float(np.median([s["adapters"] for s in dec])) if dec else 0,
