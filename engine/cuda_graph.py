@@ -26,12 +26,13 @@ and buffer logic is checked against the plain path without a GPU).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
 from engine.context import Context, reset_context, set_context
 from engine.lora_workspace import begin_step, end_step, lora_sizes
-from engine.step_inputs import StepInputs
+from engine.step_inputs import StepInputs, int64_tensor, padded_tables
 from kernels import dispatch
 from kernels import lora as _lora
 
@@ -154,13 +155,13 @@ class StepGraphs:
         real_t, real_b = qsl[-1], len(lens)
         pad_t, pad_b = tokens - real_t, seqs - real_b
         pad_lens = pad_lengths(pad_t, pad_b, self.pad_cap)
-        all_qsl = qsl + [real_t + sum(pad_lens[:i + 1]) for i in range(pad_b)]
+        all_qsl = qsl + list(accumulate(pad_lens, initial=real_t))[1:]
         width = max(max(len(s.seq.block_table) for s in out.scheduled),
                     -(-max(pad_lens, default=1) // block_size))
-        tables = [v for s in out.scheduled for v in s.seq.block_table + [0] * (width - len(s.seq.block_table))]
+        tables = padded_tables(out.scheduled, width, 0)
         flat = (ids + [0] * pad_t + pos + [0] * pad_t + slots + [-1] * pad_t + lora_slots + [-1] * pad_t
                 + lens + pad_lens + all_qsl + tables + [0] * (pad_b * width))
-        buf = torch.tensor(flat, dtype=torch.int64)
+        buf = int64_tensor(flat)
         if self.device.type != "cpu":
             buf = buf.to(self.device)  # one host->device copy per step
         f = buf[:4 * tokens].view(4, tokens)

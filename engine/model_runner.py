@@ -18,7 +18,7 @@ from engine.layers.sampler import SampleResult, Sampler
 from engine.lora_workspace import begin_step, end_step, lora_sizes
 from engine.models.llama import LlamaForCausalLM
 from engine.scheduler import SchedulerOutput
-from engine.step_inputs import StepInputs
+from engine.step_inputs import StepInputs, int64_tensor, padded_tables
 from kernels import dispatch
 
 
@@ -72,14 +72,13 @@ class ModelRunner:
     def _prepare(self, out: SchedulerOutput):
         x = StepInputs.of(out, self.block_size)
         width = max(len(s.seq.block_table) for s in out.scheduled)
-        tables = [s.seq.block_table + [-1] * (width - len(s.seq.block_table)) for s in out.scheduled]
+        tables = padded_tables(out.scheduled, width, -1)
         dev = self.device
         # One host->device copy for the whole step (each torch.tensor(..., device=cuda) from a list is a
         # copy plus a stream sync): int64 fields first, then the int32 ones, cast on the device at once.
         T, B = len(x.input_ids), len(out.scheduled)
-        flat = (x.input_ids + x.positions + x.slot_mapping + [v for row in tables for v in row] + x.seq_lens + x.qsl
-                + x.token_slots)
-        buf = torch.tensor(flat, dtype=torch.int64)
+        flat = x.input_ids + x.positions + x.slot_mapping + tables + x.seq_lens + x.qsl + x.token_slots
+        buf = int64_tensor(flat)
         if buf.device != torch.device(dev):
             buf = buf.to(dev)
         ids_t, pos_t, slots_t = buf[:T], buf[T:2 * T], buf[2 * T:3 * T]

@@ -66,3 +66,21 @@ def test_model_list_shows_the_cache(smollm2_dir, tmp_path):
     proc = _run("model", "list", env=env)
     assert proc.returncode == 0
     assert "smollm2-135m-instruct" in proc.stdout
+
+
+def test_serving_engine_factory_freezes_start_up_objects(monkeypatch):
+    """`openlora serve` builds the default engine, then moves what start-up made out of the cyclic collector's
+    reach (a full collection would walk it all, pausing serving)."""
+    import gc
+
+    from node import app as app_mod
+    from node.cli import serve
+
+    made = object()
+    monkeypatch.setattr(app_mod, "default_engine_factory", lambda settings: made)
+    before = gc.get_freeze_count()
+    try:
+        assert serve.serving_engine_factory(None) is made
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()
