@@ -68,6 +68,10 @@ class Settings(BaseSettings):
                                          description="largest 4-bit group (smaller where it does not divide)")
     engine_cpu_native_kernels: bool = Field(
         default=True, description="CPU: native decode kernels, compiled on first use (needs a C++ compiler)")
+    engine_adapter_admit_wait_ms: float = Field(
+        default=5.0, ge=0, le=1000,
+        description="CUDA: per step, how long admission may wait for an adapter load to be queued so its request "
+                    "joins that step (lower TTFT, the step waits ~2 ms per new 8B adapter); 0 = never wait")
     log_level: str = Field(default="info", description="debug | info | warning | error")
     log_json: bool = Field(default=True, description="one JSON object per log line")
 

@@ -162,7 +162,8 @@ class EngineBridge:
                            quantization=None if settings.engine_quantization == "none"
                            else settings.engine_quantization,
                            quant_group_size=settings.engine_quant_group_size,
-                           cpu_native_kernels=settings.engine_cpu_native_kernels)
+                           cpu_native_kernels=settings.engine_cpu_native_kernels,
+                           adapter_admit_wait_ms=settings.engine_adapter_admit_wait_ms)
         engine = LLMEngine(model_dir, cfg)
         store = None
         if adapter_dir is not None and adapter_dir.is_dir():
