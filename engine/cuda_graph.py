@@ -5,8 +5,8 @@ step is ~15 ms. Replaying a captured graph launches them all at once. Two kinds 
   * decode: B sequences with one new token each, B padded up to a batch bucket (1, 2, 4, 8, every 16 to
     256, every 64 beyond);
   * mixed: any step that also prefills (new prompts, prompt chunks, decode rows alongside), padded to
-    `max_batch` sequences and a token bucket. Padding sequences hold one token each; the tokens left over
-    go to the last ones, at most a block-table row's worth each.
+    `max_batch + 1` sequences (so there is always a padding one) and a token bucket. Padding sequences hold
+    one token each; the tokens left over go to the last ones, at most a block-table row's worth each.
 What makes one graph valid for every step of its shape:
   * inputs live in static buffers (ids, positions, KV slots, block tables, context lengths, query
     offsets, adapter slots) refreshed by a few device copies before each replay; padding tokens write no KV
@@ -49,9 +49,9 @@ def buckets(max_batch: int) -> list[int]:
 
 
 def token_buckets(max_batch: int, max_tokens: int) -> list[int]:
-    """Token counts with a mixed-step graph. A mixed step pads to `max_batch` sequences of >= 1 token, so a
-    bucket holds the step's tokens plus one per missing sequence: buckets run from 2 x max_batch to
-    max_tokens + max_batch, growing by half or a third (waste below a third of the bucket)."""
+    """Token counts with a mixed-step graph. A mixed step pads to `max_batch + 1` sequences of >= 1 token, so a
+    bucket holds the step's tokens plus one per missing sequence (at most max_batch of them): buckets run from
+    2 x max_batch to max_tokens + max_batch, growing by half or a third (waste below a third of the bucket)."""
     top = max_tokens + max_batch
     b = 1 << max(4, (2 * max_batch - 1).bit_length())
     out = []
@@ -102,10 +102,13 @@ class StepGraphs:
         self.max_batch = self.buckets[-1]
         # mixed steps need at least one padding sequence of spare room: none when max_tokens is 0
         self.token_buckets = token_buckets(self.max_batch, max_tokens) if max_tokens > 0 else []
+        # mixed graphs hold one sequence more than the largest batch, so a step that runs max_batch sequences
+        # (the one admitting the last of a full batch, frequent at saturation) still has a padding sequence
+        self.mixed_seqs = self.max_batch + 1
         self.max_blocks = max_blocks
         p = next(model.parameters())
         dev = self.device = p.device
-        n = self.max_batch
+        n = self.mixed_seqs if self.token_buckets else self.max_batch
         t = max([n] + self.token_buckets)
         self.input_ids = torch.zeros(t, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(t, dtype=torch.int64, device=dev)
@@ -137,12 +140,10 @@ class StepGraphs:
         if all(s.num_new_tokens == 1 for s in sched):
             b = self.bucket_for(len(sched))
             return b, b
-        real_t, pad_b = sum(s.num_new_tokens for s in sched), self.max_batch - len(sched)
-        if pad_b == 0:
-            return None  # no padding sequence to carry spare tokens
+        real_t, pad_b = sum(s.num_new_tokens for s in sched), self.mixed_seqs - len(sched)  # pad_b >= 1
         for t in self.token_buckets:
             if t >= real_t + pad_b:
-                return (t, self.max_batch) if t - real_t <= pad_b * self.pad_cap else None
+                return (t, self.mixed_seqs) if t - real_t <= pad_b * self.pad_cap else None
         return None
 
     # --- one step ---
@@ -192,7 +193,7 @@ class StepGraphs:
         """Capture every shape up front, largest first (smaller graphs then reuse its pool memory), with LoRA
         off and on: serving never pays a capture in the middle of a request. The LoRA graphs are captured
         with no adapter in any row; the kernels read slots and ranks at replay time."""
-        shapes = [(t, self.max_batch) for t in reversed(self.token_buckets)]
+        shapes = [(t, self.mixed_seqs) for t in reversed(self.token_buckets)]
         shapes += [(b, b) for b in reversed(self.buckets)]
         n = 0
         for tokens, seqs in shapes:

@@ -118,3 +118,36 @@ def test_cuda_graphs_refused_for_a_cpu_model(tiny_llama_dir, tiny_adapters):
     eng = _engine(tiny_llama_dir, tiny_adapters, "off")
     with pytest.raises(ValueError, match="CUDA"):
         eng.runner.enable_cuda_graphs(8, eng.max_model_len)
+
+
+def test_a_full_batch_that_prefills_still_takes_a_graph(tiny_llama_dir, tiny_adapters):
+    """Mixed graphs hold max_batch + 1 sequences: the step that admits the last request of a full batch (every
+    one of max_batch sequences real) pads with the extra one instead of running eagerly; its tokens, logprobs and
+    influence match the plain path's."""
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=1)
+    prompts = [f"{p} {i}" for i in range(2) for p in PROMPTS][:8]
+    adapters = [ADAPTERS[i % len(ADAPTERS)] for i in range(8)]
+
+    def run(mode):
+        eng = _engine(tiny_llama_dir, tiny_adapters, mode)
+        ids = [eng.add_request(prompts[i], params, adapter=adapters[i]) for i in range(7)]
+        eng.step()  # seven sequences prefill
+        ids.append(eng.add_request(prompts[7], params, adapter=adapters[7]))
+        outs = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    outs[o.request_id] = o
+        return eng, [outs[i] for i in ids]
+
+    plain_eng, plain = run("off")
+    eng, padded = run("emulate_mixed")
+    graphs = eng.runner.graphs
+    assert eng.runner.eager_steps == 0 and graphs.mixed_seqs == 9
+    assert any(b == 9 for _, b, _, _ in graphs.graphs)
+    for a, b in zip(plain, padded):
+        assert a.completions[0].token_ids == b.completions[0].token_ids
+        for (lp_a, _), (lp_b, _) in zip(a.completions[0].logprobs, b.completions[0].logprobs):
+            assert lp_a == pytest.approx(lp_b, abs=1e-4)
+        for name, stats in a.influence.items():
+            assert b.influence[name]["delta_ratio"] == pytest.approx(stats["delta_ratio"], rel=1e-4)
