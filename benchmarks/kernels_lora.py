@@ -52,8 +52,8 @@ VARIANTS = {  # lora.TUNING settings swept (the first is the current default)
     "dec_bn256": dict(block_n=256),
     "tall_bn32": dict(block_n_tall=32),
     "tall_w2": dict(expand_warps_tall=2),
-    "shr_w2": dict(num_warps=2),
-    "shr_w8": dict(num_warps=8),
+    "shr_w2": dict(shrink_warps=2),
+    "shr_w8": dict(shrink_warps=8),
 }
 
 

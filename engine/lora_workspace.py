@@ -75,11 +75,18 @@ class LoRAWorkspace:
         return piece
 
     def finish(self, influence_sum: torch.Tensor | None) -> None:
-        """influence_sum [T] += sum over the projections that took sums of |delta| / max(|base y|, 1e-6)."""
+        """influence_sum [T] += the ratio of every projection that took sums (add_influence_ratio)."""
         if influence_sum is None or not self.sums_used:
             return
-        raw = self.sums[:self.sums_used].sqrt()
-        influence_sum.add_((raw[:, 0] / raw[:, 1].clamp_min(1e-6)).sum(0))
+        add_influence_ratio(influence_sum, self.sums[:self.sums_used])
+
+
+def add_influence_ratio(influence_sum: torch.Tensor, sums: torch.Tensor) -> None:
+    """influence_sum [T] += |delta| / max(|base y|, 1e-6) from the expand's squared sums [2, T] (one projection)
+    or [P, 2, T] (P projections, summed)."""
+    norms = sums.sqrt()
+    ratio = norms[..., 0, :] / norms[..., 1, :].clamp_min(1e-6)
+    influence_sum.add_(ratio if ratio.dim() == 1 else ratio.sum(0))
 
 
 def begin_step(ctx, sizes: tuple[int, int]) -> None:

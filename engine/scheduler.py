@@ -180,12 +180,9 @@ class Scheduler:
     def _acquire_slot(self, seq: Sequence) -> bool:
         if seq.adapter is None or seq.lora_slot >= 0:
             return True
-        if self._wait_left > 0:
-            t0 = time.perf_counter()
-            slot = self.adapters.request(seq.adapter, wait_s=self._wait_left)
-            self._wait_left -= time.perf_counter() - t0
-        else:
-            slot = self.adapters.request(seq.adapter)
+        t0 = time.perf_counter()
+        slot = self.adapters.request(seq.adapter, wait_s=max(0.0, self._wait_left))
+        self._wait_left -= time.perf_counter() - t0
         if slot is None:
             return False
         seq.lora_slot = slot

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import _check_cache, write_kv_ref
+from kernels.attention import _check_cache, _require_triton, write_kv_ref
 
 try:
     import triton
@@ -276,11 +276,6 @@ if HAVE_TRITON:
                 tl.store(k_cache_ptr + dst, y, mask=m)
                 v = tl.load(src + HKV * D + offs, mask=m, other=0.0)
                 tl.store(v_cache_ptr + dst, v, mask=m)
-
-
-def _require_triton() -> None:
-    if not HAVE_TRITON:
-        raise RuntimeError("Triton is not installed; use the *_ref functions or kernels.dispatch")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

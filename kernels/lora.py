@@ -626,7 +626,7 @@ def _require_triton() -> None:
 # *_tall: the expand's settings for tall (block_m >= 64, prefill-sized) tiles, whose y blocks are 4x larger.
 # Measured on the H100 with influence on (benchmarks/kernels_lora.py --influence, RESULTS.md session 6): 2 warps
 # for the expand at decode (-5..-28% at 256 tokens), 64-column blocks for tall tiles (-11..-18% at 4,096).
-TUNING = dict(shrink_grid=8, expand_grid=8, shrink_items=264, block_k=128, block_n=128, num_warps=4,
+TUNING = dict(shrink_grid=8, expand_grid=8, shrink_items=264, block_k=128, block_n=128, shrink_warps=4,
               expand_warps=2, block_n_tall=64, expand_warps_tall=4)
 
 _TABLE_CACHE: dict[tuple, torch.Tensor] = {}
@@ -724,7 +724,7 @@ def lora_shrink_triton(
         x.stride(0), lora_a[0].stride(0), lora_a[0].stride(1), k_per_split, split_k,
         N_SLICES=n, R_PAD=r_pad, BLOCK_C=block_c, BLOCK_M=meta.block_m, BLOCK_K=block_k,
         A_ALIGN=_align([a.data_ptr() for a in lora_a], 16), ATOMIC=split_k > 1, PRECISION=_precision(x.dtype),
-        num_warps=TUNING["num_warps"],
+        num_warps=TUNING["shrink_warps"],
     )
     return h
 

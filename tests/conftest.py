@@ -59,3 +59,26 @@ def make_tiny_llama(out: Path, tokenizer_src: Path, *, seed: int = 0, **override
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)
+
+
+@pytest.fixture
+def node_engine_config(tiny_llama_dir, monkeypatch):
+    """settings -> the EngineConfig the node's EngineBridge.build hands the engine (stopped before any model
+    loads): for checking that a node setting reaches the engine."""
+    from engine import llm_engine
+    from node.serving import EngineBridge
+
+    class Built(Exception):
+        pass
+
+    def capture(model_dir, config):
+        raise Built(config)
+
+    monkeypatch.setattr(llm_engine, "LLMEngine", capture)
+
+    def build(settings):
+        with pytest.raises(Built) as info:
+            EngineBridge.build(settings, tiny_llama_dir, "tiny", None)
+        return info.value.args[0]
+
+    return build

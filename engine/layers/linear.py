@@ -15,6 +15,7 @@ from torch import nn
 
 from engine.context import get_context
 from engine.layers.quant import base_linear
+from engine.lora_workspace import add_influence_ratio
 from kernels import dispatch
 from kernels import lora as lora_kernels
 from kernels import native_cpu
@@ -185,16 +186,15 @@ class LoRALinear(nn.Module):
         b = [pool.lora_b[m][self.layer_idx] for m in mods]
         h = self._shrink(x, a, pool, ctx)
         ws = ctx.lora_workspace
+        # the step's workspace takes the ratio once for all projections (LoRAWorkspace.finish); without one (or
+        # with no room) the projection takes its own
         sums = ws.take_sums(y.shape[0]) if ws is not None else None
-        if sums is not None:
-            # the ratio is taken once per step for all projections (LoRAWorkspace.finish)
-            lora_kernels.lora_expand_triton(y, h, b, pool.rank, pool.scale, ctx.lora_meta, influence=sums)
-            ctx.influence_count += 1
-            return y
-        sums = torch.zeros(2, y.shape[0], dtype=torch.float32, device=y.device)
+        own = sums is None
+        if own:
+            sums = torch.zeros(2, y.shape[0], dtype=torch.float32, device=y.device)
         lora_kernels.lora_expand_triton(y, h, b, pool.rank, pool.scale, ctx.lora_meta, influence=sums)
-        sums.sqrt_()
-        ctx.influence_sum.addcdiv_(sums[0], sums[1].clamp_min_(1e-6))
+        if own:
+            add_influence_ratio(ctx.influence_sum, sums)
         ctx.influence_count += 1
         return y
 

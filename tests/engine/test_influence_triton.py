@@ -12,14 +12,19 @@ from engine.sampling_params import SamplingParams
 PROMPTS = ["The quick brown fox", "Once upon a time", "Hello there"]
 
 
-def _run(model_dir, adapters, kernels: str, monkeypatch):
+def _run(model_dir, adapters, kernels: str, monkeypatch, graphs: bool = False):
+    """The three prompts on three adapters, greedy; `graphs`: through the CUDA-graph static-buffer path, run
+    eagerly (its CPU emulation)."""
     monkeypatch.setenv("OPENLORA_KERNELS", kernels)
     eng = LLMEngine(model_dir, EngineConfig(num_kv_blocks=64, block_size=4, num_lora_slots=3, max_lora_rank=16,
                                             cpu_decode_layouts=False))
     for name, path in adapters.items():
         eng.register_adapter(name, path)
+    if graphs:
+        eng.runner.enable_cuda_graphs(4, eng.max_model_len, emulate=True)
     outs = eng.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
                         adapters=["a4", "b8", "c16"])
+    assert (eng.runner.graph_steps > 0) == graphs
     eng.close()
     return outs
 

@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from engine import lora_workspace
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
 from engine.lora_workspace import LoRAWorkspace
-from engine.sampling_params import SamplingParams
+from tests.engine.test_influence_triton import _run
 
 
 def test_pieces_are_disjoint_zeroed_and_bounded():
@@ -51,21 +49,6 @@ def test_finish_equals_the_per_projection_ratio():
     assert torch.allclose(got.double(), want, rtol=1e-6)
 
 
-def _generate(model_dir, adapters, monkeypatch, graphs: bool):
-    monkeypatch.setenv("OPENLORA_KERNELS", "triton")
-    eng = LLMEngine(model_dir, EngineConfig(num_kv_blocks=64, block_size=4, num_lora_slots=3, max_lora_rank=16,
-                                            cpu_decode_layouts=False))
-    for name, path in adapters.items():
-        eng.register_adapter(name, path)
-    if graphs:  # the static-buffer path of CUDA graphs, run eagerly (no GPU here)
-        eng.runner.enable_cuda_graphs(4, eng.max_model_len, emulate=True)
-    outs = eng.generate(["The quick brown fox", "Once upon a time", "Hello there"],
-                        SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), adapters=["a4", "b8", "c16"])
-    assert (eng.runner.graph_steps > 0) == graphs
-    eng.close()
-    return outs
-
-
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-emulated"])
 def test_engine_steps_use_the_workspace_and_match_per_call_buffers(tiny_llama_dir, tiny_adapters, monkeypatch,
                                                                    graphs):
@@ -77,13 +60,13 @@ def test_engine_steps_use_the_workspace_and_match_per_call_buffers(tiny_llama_di
         return finish(self, influence_sum)
 
     monkeypatch.setattr(LoRAWorkspace, "finish", spy)
-    shared = _generate(tiny_llama_dir, tiny_adapters, monkeypatch, graphs)
+    shared = _run(tiny_llama_dir, tiny_adapters, "triton", monkeypatch, graphs)
     assert used and all(h > 0 and s > 0 for h, s in used), used
     # the same run with no room in the workspace: every projection allocates and zeroes its own h and sums
     monkeypatch.setattr(lora_workspace, "H_CAP_FLOATS", 0)
     monkeypatch.setattr(LoRAWorkspace, "take_sums", lambda self, t: None)
     used.clear()
-    own = _generate(tiny_llama_dir, tiny_adapters, monkeypatch, graphs)
+    own = _run(tiny_llama_dir, tiny_adapters, "triton", monkeypatch, graphs)
     assert all(h == 0 and s == 0 for h, s in used)
     for a, b in zip(shared, own):
         assert a.token_ids == b.token_ids

@@ -176,11 +176,9 @@ def test_generate_cli_plumbs_quantization(tiny_llama_dir, engines, capsys, monke
     assert "quantization" in capsys.readouterr().err and len(seen) == n  # refused before an engine is built
 
 
-def test_settings_and_serve_path_plumb_quantization(tiny_llama_dir, monkeypatch):
-    from engine import llm_engine
+def test_settings_and_serve_path_plumb_quantization(node_engine_config, monkeypatch):
     from node.config import load_settings
     from node.errors import ConfigError
-    from node.serving import EngineBridge
 
     monkeypatch.setenv("OPENLORA_ENGINE_QUANTIZATION", "q4")
     settings = load_settings(device="cpu", engine_quant_group_size=64)
@@ -189,15 +187,5 @@ def test_settings_and_serve_path_plumb_quantization(tiny_llama_dir, monkeypatch)
         load_settings(engine_quantization="q8")
     with pytest.raises(ConfigError, match="engine_quant_group_size"):
         load_settings(engine_quant_group_size=24)
-
-    class Stop(Exception):
-        pass
-
-    def fake_engine(model_dir, config):
-        raise Stop(config)
-
-    monkeypatch.setattr(llm_engine, "LLMEngine", fake_engine)
-    with pytest.raises(Stop) as info:
-        EngineBridge.build(settings, tiny_llama_dir, "tiny", None)
-    cfg = info.value.args[0]
+    cfg = node_engine_config(settings)
     assert (cfg.quantization, cfg.quant_group_size) == ("q4", 64)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from engine.block_manager import BlockManager
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -99,11 +101,22 @@ def test_finish_frees_blocks_at_once():
     assert bm.num_free_blocks == 8 and not sched.has_unfinished() and s.finish_reason == "abort"
 
 
-class _SlowSlots:
-    """Adapter slots whose loads become ready only after `ready_after` seconds of waiting in request()."""
+class _Clock:
+    """Stands in for the scheduler's time module: time moves only when a fake load waits."""
 
-    def __init__(self, ready_after: float):
-        self.ready_after = ready_after
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class _SlowSlots:
+    """Adapter slots whose loads are queued `ready_after` seconds after they start: request(wait_s) waits that
+    long (on the fake clock) when wait_s allows, else all of wait_s, and hands the slot out only in the first case."""
+
+    def __init__(self, clock: _Clock, ready_after: float):
+        self.clock, self.ready_after = clock, ready_after
         self.calls: list[tuple[str, float]] = []
         self.slots: dict[str, int] = {}
 
@@ -112,11 +125,10 @@ class _SlowSlots:
         if ref in self.slots:
             return self.slots[ref]
         if wait_s >= self.ready_after:
-            import time
-
-            time.sleep(self.ready_after)
+            self.clock.now += self.ready_after
             self.slots[ref] = len(self.slots)
             return self.slots[ref]
+        self.clock.now += wait_s
         return None
 
     def release(self, slot: int) -> None:
@@ -129,26 +141,30 @@ def _adapter_seq(n, rid, adapter):
     return s
 
 
-def test_admission_waits_for_adapter_loads_within_one_budget_per_step():
+def test_admission_waits_for_adapter_loads_within_one_budget_per_step(monkeypatch):
     """The wait budget is shared by the admissions of one step (each load's wait comes off it) and renewed every
     step; with no budget requests are asked once without waiting, as before."""
-    slots = _SlowSlots(ready_after=0.03)
+    from engine import scheduler as scheduler_mod
+
+    clock = _Clock()
+    monkeypatch.setattr(scheduler_mod, "time", clock)
+    slots = _SlowSlots(clock, ready_after=0.03)
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=256, adapters=slots,
                       adapter_wait_s=0.05)
     for i, a in enumerate(("a", "b", "c")):
         sched.add(_adapter_seq(4, f"r{i}", a))
     out = sched.schedule()
-    # a fits the 50 ms budget (30 ms); b is asked with the ~20 ms left and is not ready; c gets what remains
+    # a is ready within the 50 ms budget (30 ms); b gets the 20 ms left, waits them out, and is not ready; c
+    # gets no wait at all
     assert [e.seq.request_id for e in out.scheduled] == ["r0"]
-    assert slots.calls[0] == ("a", 0.05)
-    assert 0 < slots.calls[1][1] < 0.03
+    assert slots.calls == [("a", 0.05), ("b", pytest.approx(0.02)), ("c", 0.0)]
     assert out.num_waiting_for_adapter == 2
     slots.calls.clear()
     out = sched.schedule()  # a new step, a new budget: b loads within it
     assert slots.calls[0] == ("b", 0.05)
     assert "r1" in [e.seq.request_id for e in out.scheduled]
 
-    none = _SlowSlots(ready_after=0.0)
+    none = _SlowSlots(clock, ready_after=0.0)
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=256, adapters=none)
     sched.add(_adapter_seq(4, "r", "a"))
     sched.schedule()
