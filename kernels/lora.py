@@ -45,6 +45,8 @@ __all__ = [
     "lora_expand_ref",
     "lora_shrink_triton",
     "lora_expand_triton",
+    "lora_expand_silu_mul_ref",
+    "lora_expand_silu_mul_triton",
     "LiveRows",
     "live_rows",
     "lora_live_rows",
@@ -306,6 +308,31 @@ def lora_expand_ref(
     return y
 
 
+def lora_expand_silu_mul_ref(
+    gate_up: torch.Tensor,  # shape [T, 2I]: the base gate/up projection (gate | up), not modified
+    h: torch.Tensor,  # shape [2, T, max_rank]: the shrink of the gate and up slices
+    lora_b: list[torch.Tensor],  # [b_gate, b_up], each shape [num_slots, I, max_rank]
+    rank: torch.Tensor,  # shape [num_slots] int32
+    scale: torch.Tensor,  # shape [num_slots] float32
+    meta: LoRABatchMeta,
+) -> torch.Tensor:  # shape [T, I]
+    """silu(gate) * up of the gate/up projection with each token's LoRA delta added: the expand, then the MLP's
+    activation (kernels.elementwise.silu_mul_ref), as the unfused engine path runs them."""
+    from kernels.elementwise import silu_mul_ref
+
+    _check_silu_expand(gate_up, lora_b)
+    y = lora_expand_ref(gate_up.clone(), h, lora_b, rank, scale, meta)
+    return silu_mul_ref(y)
+
+
+def _check_silu_expand(gate_up: torch.Tensor, lora_b) -> None:
+    if not isinstance(lora_b, (list, tuple)) or len(lora_b) != 2 or lora_b[0].shape != lora_b[1].shape:
+        raise ValueError("lora_expand_silu_mul: lora_b must be [b_gate, b_up] of one shape [num_slots, I, max_rank]")
+    if gate_up.dim() != 2 or gate_up.shape[1] != 2 * lora_b[0].shape[1]:
+        raise ValueError(f"lora_expand_silu_mul: gate_up must be [T, {2 * lora_b[0].shape[1]}] (gate | up), "
+                         f"got {tuple(gate_up.shape)}")
+
+
 # --------------------------------------------------------------------------------------------------
 # CPU path for small batches: the pool's live adapter rows as one matmul per projection
 # --------------------------------------------------------------------------------------------------
@@ -389,6 +416,7 @@ def lora_live_rows(
 # --------------------------------------------------------------------------------------------------
 
 if HAVE_TRITON:
+    from kernels.elementwise import _round_to
 
     # Integers that change with the step's token count are not specialised on (Triton would otherwise compile a
     # variant per divisibility class: an eager step with an odd token count stalled ~1.5 s compiling new ones
@@ -609,6 +637,102 @@ if HAVE_TRITON:
             tl.store(y_ptr + y_off, (y_base + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
+if HAVE_TRITON:
+
+    @triton.jit(do_not_specialize=["T", "MAX_TILES"])  # see the shrink kernel
+    def _lora_expand_silu_mul_kernel(
+        # pointers
+        gu_ptr,  # shape [T, 2I], unit column stride: the base gate/up output (gate | up), read only
+        out_ptr,  # shape [T, I] contiguous: silu(gate + delta_gate) * (up + delta_up)
+        h_ptr,  # shape [2, T, max_rank] float32: the shrink of the gate and up slices
+        bg_ptr,  # shape [num_slots, I, max_rank]: lora_b of gate_proj
+        bu_ptr,  # shape [num_slots, I, max_rank]: lora_b of up_proj
+        rank_ptr,  # shape [num_slots] int32
+        scale_ptr,  # shape [num_slots] float32
+        sorted_ids_ptr,  # shape [T] int32
+        tile_start_ptr,  # shape [max_tiles] int32
+        tile_end_ptr,  # shape [max_tiles] int32
+        tile_slot_ptr,  # shape [max_tiles] int32
+        num_live_ptr,  # shape [1] int32
+        infl_ptr,  # shape [2, T] float32 (INFLUENCE): per token, sum of delta^2 and of base y^2 over gate and up
+        # dimensions
+        T,
+        INTER,  # I
+        MAX_RANK,
+        MAX_TILES,
+        N_BLOCKS,  # column blocks of I
+        stride_gu,
+        # meta-parameters
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        R_PAD: tl.constexpr,  # max_rank rounded up to a power of two, >= 16
+        PRECISION: tl.constexpr,
+        INFLUENCE: tl.constexpr,
+    ):
+        # The gate/up expand with the MLP's activation as its epilogue: the expand's read-modify-write of the
+        # [T, 2I] projection output (the largest of a layer's LoRA traffic) and the activation's second read of
+        # it become one read, and two launches one. Every token needs its activation, adapter or not, so the
+        # work is two kinds of row tile over the same column blocks: first the tokens of slot -1 (they sort
+        # first: sorted positions [0, tile_start[0]) when any tile is live, all T otherwise), BLOCK_M at a time,
+        # with no LoRA term (rank 0 masks every h and B load); then the LoRA tiles of the meta. A work item is
+        # (row tile, column block) on a fixed persistent grid, as in the expand. Rounding follows the unfused
+        # path: gate and up with their deltas are rounded to the activation dtype (the expand's store), then
+        # silu_mul_kernel's float32 formula.
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
+        offs_r = tl.arange(0, R_PAD)
+        arange_m = tl.arange(0, BLOCK_M)
+        arange_n = tl.arange(0, BLOCK_N)
+        dtype = out_ptr.dtype.element_ty
+
+        n_live = tl.load(num_live_ptr)
+        first = tl.load(tile_start_ptr)  # MAX_TILES >= 1 (the launcher checks)
+        n_plain = tl.where(n_live > 0, first, T)
+        plain_tiles = tl.cdiv(n_plain, BLOCK_M)
+        n_items = (plain_tiles + n_live) * N_BLOCKS
+
+        for w in range(pid, n_items, n_prog):
+            t = w // N_BLOCKS
+            blk = w % N_BLOCKS
+            lt = tl.minimum(tl.maximum(t - plain_tiles, 0), MAX_TILES - 1)  # the LoRA tile (clamped read)
+            is_lora = t >= plain_tiles
+            start = tl.where(is_lora, tl.load(tile_start_ptr + lt), t * BLOCK_M)
+            end = tl.where(is_lora, tl.load(tile_end_ptr + lt), tl.minimum(t * BLOCK_M + BLOCK_M, n_plain))
+            slot = tl.where(is_lora, tl.load(tile_slot_ptr + lt), -1)
+            rank = tl.where(slot >= 0, tl.load(rank_ptr + tl.maximum(slot, 0)), 0)
+            scale = tl.load(scale_ptr + tl.maximum(slot, 0))
+            m_mask = start + arange_m < end
+            tok = tl.load(sorted_ids_ptr + start + arange_m, mask=m_mask, other=0).to(tl.int64)
+
+            offs_n = blk * BLOCK_N + arange_n
+            n_mask = offs_n < INTER
+            mn_mask = m_mask[:, None] & n_mask[None, :]
+            src = gu_ptr + tok[:, None] * stride_gu + offs_n[None, :]
+            g = tl.load(src, mask=mn_mask, other=0.0).to(tl.float32)
+            u = tl.load(src + INTER, mask=mn_mask, other=0.0).to(tl.float32)
+
+            r_mask = offs_r < rank
+            b_off = (slot.to(tl.int64) * INTER + offs_n[None, :]) * MAX_RANK + offs_r[:, None]
+            b_mask = r_mask[:, None] & n_mask[None, :]
+            bg = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0)  # [R_PAD, BLOCK_N]
+            bu = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0)
+            h_off = tok[:, None] * MAX_RANK + offs_r[None, :]
+            h_mask = m_mask[:, None] & r_mask[None, :]
+            hg = tl.load(h_ptr + h_off, mask=h_mask, other=0.0).to(bg.dtype)  # [BLOCK_M, R_PAD]
+            hu = tl.load(h_ptr + T * MAX_RANK + h_off, mask=h_mask, other=0.0).to(bg.dtype)
+            dg = scale * tl.dot(hg, bg, input_precision=PRECISION, out_dtype=tl.float32)
+            du = scale * tl.dot(hu, bu, input_precision=PRECISION, out_dtype=tl.float32)
+            if INFLUENCE:
+                live = m_mask & (arange_m * 0 + rank > 0)  # nothing for a token without a (nonzero-rank) adapter
+                tl.atomic_add(infl_ptr + tok, tl.sum(dg * dg + du * du, axis=1), mask=live, sem="relaxed")
+                tl.atomic_add(infl_ptr + T + tok, tl.sum(g * g + u * u, axis=1), mask=live, sem="relaxed")
+            g = _round_to(g + dg, dtype)
+            u = _round_to(u + du, dtype)
+            sg = _round_to(tl.math.div_rn(g, 1.0 + tl.exp(-g)), dtype)
+            tl.store(out_ptr + tok[:, None] * INTER + offs_n[None, :], _round_to(sg * u, dtype).to(dtype),
+                     mask=mn_mask)
+
+
 def _precision(dtype: torch.dtype) -> str:
     # float32 models get exact float32 products (Triton's default for a float32 dot is tf32)
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -626,8 +750,11 @@ def _require_triton() -> None:
 # *_tall: the expand's settings for tall (block_m >= 64, prefill-sized) tiles, whose y blocks are 4x larger.
 # Measured on the H100 with influence on (benchmarks/kernels_lora.py --influence, RESULTS.md session 6): 2 warps
 # for the expand at decode (-5..-28% at 256 tokens), 64-column blocks for tall tiles (-11..-18% at 4,096).
+# silu_*: the gate/up expand fused with the MLP activation (lora_expand_silu_mul_triton), whose work item holds
+# two y blocks and two B blocks; not yet swept on the GPU (first guesses from the expand's).
 TUNING = dict(shrink_grid=8, expand_grid=8, shrink_items=264, block_k=128, block_n=128, shrink_warps=4,
-              expand_warps=2, block_n_tall=64, expand_warps_tall=4)
+              expand_warps=2, block_n_tall=64, expand_warps_tall=4, silu_block_n=128, silu_warps=4,
+              silu_block_n_tall=64, silu_warps_tall=4)
 
 _TABLE_CACHE: dict[tuple, torch.Tensor] = {}
 _SM_COUNT: dict[str, int] = {}
@@ -785,6 +912,54 @@ def lora_expand_triton(
         num_warps=TUNING["expand_warps_tall" if tall else "expand_warps"],
     )
     return y
+
+
+def lora_expand_silu_mul_triton(
+    gate_up: torch.Tensor,  # shape [T, 2I] (gate | up), not modified
+    h: torch.Tensor,  # shape [2, T, max_rank] float32
+    lora_b: list[torch.Tensor],  # [b_gate, b_up], each shape [num_slots, I, max_rank]
+    rank: torch.Tensor,  # shape [num_slots] int32
+    scale: torch.Tensor,  # shape [num_slots] float32
+    meta: LoRABatchMeta,
+    *,
+    influence: torch.Tensor | None = None,  # shape [2, T] float32, as lora_expand_triton's
+) -> torch.Tensor:  # shape [T, I]
+    """silu(gate + delta_gate) * (up + delta_up) in one pass over the gate/up output (lora_expand_silu_mul_ref);
+    `influence` gains what lora_expand_triton's would for the two slices."""
+    _require_triton()
+    _check_silu_expand(gate_up, lora_b)
+    _, max_rank, _ = _check_expand(gate_up, h, lora_b, rank, scale, meta)
+    if influence is not None and (influence.shape != (2, gate_up.shape[0]) or influence.dtype != torch.float32
+                                  or influence.device != gate_up.device or not influence.is_contiguous()):
+        raise ValueError(f"lora_expand_silu_mul: influence must be a contiguous float32 [2, {gate_up.shape[0]}] "
+                         f"tensor on {gate_up.device}, got {tuple(influence.shape)} {influence.dtype} on "
+                         f"{influence.device}")
+    T, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    if T == 0 or max_rank == 0 or meta.max_tiles == 0:
+        from kernels.elementwise import silu_mul_triton
+
+        return silu_mul_triton(gate_up)
+    if gate_up.stride(1) != 1:
+        gate_up = gate_up.contiguous()
+    out = torch.empty(T, inter, dtype=gate_up.dtype, device=gate_up.device)
+    h = h.float().contiguous()
+    lora_b = [b.contiguous() for b in lora_b]
+    tall = meta.block_m >= 64
+    block_n = TUNING["silu_block_n_tall" if tall else "silu_block_n"]
+    n_blocks = triton.cdiv(inter, block_n)
+    # worst case row tiles: every token on slot -1 (cdiv(T, block_m)) plus every tile live
+    items = (triton.cdiv(T, meta.block_m) + meta.max_tiles) * n_blocks
+    grid = (max(1, min(items, TUNING["expand_grid"] * _num_sms(gate_up.device))),)
+    _lora_expand_silu_mul_kernel[grid](
+        gate_up, out, h, lora_b[0], lora_b[1], rank.to(torch.int32), scale.to(torch.float32),
+        meta.sorted_token_ids, meta.tile_start, meta.tile_end, meta.tile_slot, _live_tiles(meta),
+        influence if influence is not None else out,  # unused pointer when INFLUENCE is off
+        T, inter, max_rank, meta.max_tiles, n_blocks, gate_up.stride(0),
+        BLOCK_M=meta.block_m, BLOCK_N=block_n, R_PAD=max(16, _pow2(max_rank)),
+        PRECISION=_precision(gate_up.dtype), INFLUENCE=influence is not None,
+        num_warps=TUNING["silu_warps_tall" if tall else "silu_warps"],
+    )
+    return out
 
 
 # The module-level names of the contract go through the dispatcher.

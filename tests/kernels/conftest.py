@@ -38,6 +38,7 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
     if "triton" in sys.modules:
         _rewrap_triton_language_for_interpreter()
-    for _name in ("kernels.lora", "kernels.attention", "kernels.quant", "kernels.elementwise"):
+    # dependencies first: kernels.lora's fused activation calls kernels.elementwise's _round_to
+    for _name in ("kernels.attention", "kernels.elementwise", "kernels.lora", "kernels.quant"):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])

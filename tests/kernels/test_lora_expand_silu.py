@@ -1,0 +1,115 @@
+"""The gate/up expand fused with the MLP activation (kernels.lora.lora_expand_silu_mul_triton) against the unfused
+path it replaces: the expand into the projection output, then silu(gate) * up.
+
+On CPU the kernel runs through the interpreter (tests/kernels/conftest.py) at small, odd sizes; on a GPU the same
+tests compile it and a bf16 case is checked against a float64 per-token loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import lora
+from tests.kernels.test_lora import loop_lora, make_pool
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(T, inter, ranks, slots_kind, seed, dtype=torch.float32, in_f=24):
+    g = torch.Generator().manual_seed(seed)
+    S = len(ranks)
+    max_rank = max(16, max(ranks))
+    a, b, rank, scale = make_pool(S, max_rank, in_f, [inter, inter], ranks, dtype, seed=seed)
+    if slots_kind == "none":
+        slots = torch.full((T,), -1, dtype=torch.int32)
+    elif slots_kind == "one":
+        slots = torch.zeros(T, dtype=torch.int32)
+    else:  # every slot and -1, shuffled
+        slots = torch.randint(-1, S, (T,), generator=g, dtype=torch.int32)
+    x = torch.randn(T, in_f, generator=g).to(dtype)
+    gate_up = (torch.randn(T, 2 * inter, generator=g) * 2).to(dtype)
+    return x, gate_up, a, b, rank, scale, slots
+
+
+def _on(t):
+    return t.to(DEVICE)
+
+
+def _fused(x, gate_up, a, b, rank, scale, slots, influence=None):
+    meta = lora.make_lora_meta(_on(slots), num_slots=rank.shape[0])
+    h = lora.lora_shrink_triton(_on(x), [_on(t) for t in a], _on(rank), meta)
+    gu = _on(gate_up)
+    out = lora.lora_expand_silu_mul_triton(gu, h, [_on(t) for t in b], _on(rank), _on(scale), meta,
+                                           influence=influence)
+    torch.testing.assert_close(gu.cpu(), gate_up, rtol=0, atol=0)  # the projection output is only read
+    return out.cpu(), h, meta
+
+
+def _unfused(gate_up, h, b, rank, scale, meta, influence=None):
+    y = _on(gate_up).clone()
+    lora.lora_expand_triton(y, h, [_on(t) for t in b], _on(rank), _on(scale), meta, influence=influence)
+    gate, up = y.chunk(2, dim=-1)
+    return (F.silu(gate) * up).cpu()
+
+
+@pytest.mark.parametrize("T,inter,ranks,kind", [
+    (1, 24, [7], "one"),
+    (3, 40, [1, 16], "mixed"),
+    (37, 200, [7, 16, 0, 3], "mixed"),  # a rank-0 slot, -1 tokens, column blocks with a ragged end
+    (129, 72, [16, 5], "one"),
+    (20, 24, [16], "none"),  # all -1: the activation alone
+    (70, 136, [64, 16, 7], "mixed"),
+])
+def test_fused_matches_expand_then_activation(T, inter, ranks, kind):
+    x, gate_up, a, b, rank, scale, slots = _case(T, inter, ranks, kind, seed=T + inter)
+    got, h, meta = _fused(x, gate_up, a, b, rank, scale, slots)
+    want = _unfused(gate_up, h, b, rank, scale, meta)
+    assert got.shape == (T, inter)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # and the float64 per-token loop: silu(gate + delta) * (up + delta)
+    _, y64 = loop_lora(x, gate_up, a, b, rank, scale, slots)
+    gate, up = y64.chunk(2, dim=-1)
+    torch.testing.assert_close(got.double(), F.silu(gate) * up, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_matches_the_reference_and_adds_the_expands_influence():
+    x, gate_up, a, b, rank, scale, slots = _case(45, 56, [16, 4, 9], "mixed", seed=5)
+    infl = _on(torch.zeros(2, 45))
+    got, h, meta = _fused(x, gate_up, a, b, rank, scale, slots, influence=infl)
+    ref = lora.lora_expand_silu_mul_ref(gate_up, h.cpu(), b, rank, scale, lora.make_lora_meta(slots, num_slots=3))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    want = _on(torch.zeros(2, 45))
+    _unfused(gate_up, h, b, rank, scale, meta, influence=want)
+    torch.testing.assert_close(infl, want, rtol=1e-5, atol=1e-5)
+    assert infl[0][_on(slots) < 0].abs().sum() == 0 and infl[0][_on(slots) >= 0].min() > 0
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 dots are checked on the GPU run (the interpreter has no bf16 dot)")
+def test_bf16_rounds_as_the_unfused_path():
+    """bf16: gate and up are rounded after their delta (the expand's store), then the activation's roundings."""
+    x, gate_up, a, b, rank, scale, slots = _case(33, 48, [16, 8], "mixed", seed=7, dtype=torch.bfloat16)
+    got, h, meta = _fused(x, gate_up, a, b, rank, scale, slots)
+    want = _unfused(gate_up, h, b, rank, scale, meta)
+    assert got.dtype == torch.bfloat16
+    # the same roundings in the same order: at most an ulp apart where the dots sum in another order
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    _, y64 = loop_lora(x, gate_up, a, b, rank, scale, slots)
+    gate, up = y64.chunk(2, dim=-1)
+    torch.testing.assert_close(got.double(), F.silu(gate) * up, rtol=3e-2, atol=3e-2)
+
+
+def test_bad_inputs_raise_and_write_nothing():
+    x, gate_up, a, b, rank, scale, slots = _case(5, 24, [4], "one", seed=1)
+    meta = lora.make_lora_meta(_on(slots), num_slots=1)
+    h = lora.lora_shrink_triton(_on(x), [_on(t) for t in a], _on(rank), meta)
+    gu, bd, r, s = _on(gate_up), [_on(t) for t in b], _on(rank), _on(scale)
+    with pytest.raises(ValueError, match="lora_b must be"):
+        lora.lora_expand_silu_mul_triton(gu, h, bd[:1], r, s, meta)
+    with pytest.raises(ValueError, match="gate_up must be"):
+        lora.lora_expand_silu_mul_triton(gu[:, :40], h, bd, r, s, meta)
+    with pytest.raises(ValueError, match="h must be"):
+        lora.lora_expand_silu_mul_triton(gu, h[:1], bd, r, s, meta)
+    with pytest.raises(ValueError, match="influence"):
+        lora.lora_expand_silu_mul_triton(gu, h, bd, r, s, meta, influence=_on(torch.zeros(2, 4)))
+    torch.testing.assert_close(gu.cpu(), gate_up, rtol=0, atol=0)
