@@ -142,6 +142,13 @@ def main() -> int:
         r["sync_calls_per_step"] = {n: sum(1 for e in syncs if e.name == n) / steps for n in SYNC_NAMES
                                     if any(e.name == n for e in syncs)}
         r["gpu_busy_ms_per_step"] = busy_ms(gpu) / steps
+        # GPU time per kernel name (which kernels a change moved: the LoRA ones, the base matmuls)
+        per = {}
+        for e in gpu:
+            t, n = per.get(e.name, (0.0, 0))
+            per[e.name] = (t + e.time_range.elapsed_us(), n + 1)
+        r["gpu_kernels_us_per_step"] = {k: [round(t / steps, 1), n / steps]
+                                        for k, (t, n) in sorted(per.items(), key=lambda kv: -kv[1][0])[:25]}
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=48)
         # one step with stacks: where each sync / memcpy comes from
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof2:
@@ -161,6 +168,9 @@ def main() -> int:
         for w in r["syncs_where"]:
             print("  ", w)
         print(table, flush=True)
+        print("GPU kernels, us per step and launches per step:")
+        for k, (t, n) in r["gpu_kernels_us_per_step"].items():
+            print(f"  {t:9.1f} {n:6.0f}  {k[:90]}")
         for rid in ids:
             engine.abort(rid)
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -639,6 +639,23 @@ if HAVE_TRITON:
 
 if HAVE_TRITON:
 
+    @triton.jit
+    def _silu_item(t, plain_tiles, n_plain, tile_start_ptr, tile_end_ptr, tile_slot_ptr, rank_ptr, scale_ptr,
+                   sorted_ids_ptr, MAX_TILES, BLOCK_M: tl.constexpr):
+        """Row tile t of lora_expand_silu_mul's work: the -1 tokens' tiles first, then the meta's LoRA tiles.
+        Returns its sorted positions [start, end), slot, rank (0 without an adapter), scale and token ids.
+        Reads are clamped, so a t past the last tile is harmless (its item is never run)."""
+        lt = tl.minimum(tl.maximum(t - plain_tiles, 0), MAX_TILES - 1)
+        is_lora = t >= plain_tiles
+        start = tl.where(is_lora, tl.load(tile_start_ptr + lt), t * BLOCK_M)
+        end = tl.where(is_lora, tl.load(tile_end_ptr + lt), tl.minimum(t * BLOCK_M + BLOCK_M, n_plain))
+        slot = tl.where(is_lora, tl.load(tile_slot_ptr + lt), -1)
+        rank = tl.where(slot >= 0, tl.load(rank_ptr + tl.maximum(slot, 0)), 0)
+        scale = tl.load(scale_ptr + tl.maximum(slot, 0))
+        offs = start + tl.arange(0, BLOCK_M)
+        tok = tl.load(sorted_ids_ptr + offs, mask=offs < end, other=0).to(tl.int64)
+        return start, end, slot, rank, scale, tok
+
     @triton.jit(do_not_specialize=["T", "MAX_TILES"])  # see the shrink kernel
     def _lora_expand_silu_mul_kernel(
         # pointers
@@ -691,18 +708,19 @@ if HAVE_TRITON:
         plain_tiles = tl.cdiv(n_plain, BLOCK_M)
         n_items = (plain_tiles + n_live) * N_BLOCKS
 
+        # Latency: at 1000 adapters a decode tile holds one token and a program walks ~27 items, each behind a
+        # chain of dependent loads (tile -> token ids -> rows); the next item's tile fields and token ids are
+        # loaded one item ahead, as in the expand.
+        start_n, end_n, slot_n, rank_n, scale_n, tok_n = _silu_item(
+            pid // N_BLOCKS, plain_tiles, n_plain, tile_start_ptr, tile_end_ptr, tile_slot_ptr, rank_ptr, scale_ptr,
+            sorted_ids_ptr, MAX_TILES, BLOCK_M)
         for w in range(pid, n_items, n_prog):
-            t = w // N_BLOCKS
             blk = w % N_BLOCKS
-            lt = tl.minimum(tl.maximum(t - plain_tiles, 0), MAX_TILES - 1)  # the LoRA tile (clamped read)
-            is_lora = t >= plain_tiles
-            start = tl.where(is_lora, tl.load(tile_start_ptr + lt), t * BLOCK_M)
-            end = tl.where(is_lora, tl.load(tile_end_ptr + lt), tl.minimum(t * BLOCK_M + BLOCK_M, n_plain))
-            slot = tl.where(is_lora, tl.load(tile_slot_ptr + lt), -1)
-            rank = tl.where(slot >= 0, tl.load(rank_ptr + tl.maximum(slot, 0)), 0)
-            scale = tl.load(scale_ptr + tl.maximum(slot, 0))
+            start, end, slot, rank, scale, tok = start_n, end_n, slot_n, rank_n, scale_n, tok_n
             m_mask = start + arange_m < end
-            tok = tl.load(sorted_ids_ptr + start + arange_m, mask=m_mask, other=0).to(tl.int64)
+            start_n, end_n, slot_n, rank_n, scale_n, tok_n = _silu_item(
+                (w + n_prog) // N_BLOCKS, plain_tiles, n_plain, tile_start_ptr, tile_end_ptr, tile_slot_ptr,
+                rank_ptr, scale_ptr, sorted_ids_ptr, MAX_TILES, BLOCK_M)
 
             offs_n = blk * BLOCK_N + arange_n
             n_mask = offs_n < INTER
