@@ -57,7 +57,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from engine import llm_engine as llm_engine_mod  # noqa: E402
-from engine import lora_workspace  # noqa: E402
 from engine.adapters.cache import AdapterCache  # noqa: E402
 from engine.adapters.packed import PackedBuffer, PackedLayout  # noqa: E402
 from engine.adapters.peft_format import ALL_MODULES, AdapterSpec, AdapterWeights, ParsedAdapter  # noqa: E402
@@ -443,8 +442,6 @@ def parse_args(argv=None):
                                       "offline configs)")
     ap.add_argument("--no-influence", action="store_true", help="EngineConfig.collect_influence=False")
     ap.add_argument("--gc-freeze", action="store_true", help="gc.collect() + gc.freeze() once the engine is up")
-    ap.add_argument("--no-overlap-shrink", action="store_true",
-                    help="LoRA shrinks on the compute stream, after their base matmul (engine.lora_workspace.OVERLAP_SHRINK)")
     ap.add_argument("--admit-wait-ms", type=float, default=EngineConfig.adapter_admit_wait_ms,
                     help="EngineConfig.adapter_admit_wait_ms (0: a request whose adapter loads waits a step)")
     ap.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="on",
@@ -478,8 +475,6 @@ def parse_args(argv=None):
         if bad:
             ap.error(f"{flag}: unknown {bad}; one of {', '.join(labels)}")
     parse_rates(args.online)
-    if args.no_overlap_shrink:
-        lora_workspace.OVERLAP_SHRINK = False
     if args.smoke:
         # transformers + PEFT and the disk latency (PEFT-written adapters) need the GPU run; the 4-bit path runs
         args.skip_hf = args.skip_latency = args.quant = True

@@ -4,6 +4,13 @@ Llama-3-8B layer shapes (fused q/k/v 4096 -> 4096/1024/1024, gate/up 4096 -> 2 x
 rank 16 (and mixed ranks 1/7/16/64), tokens spread over n distinct adapters. Floor = (x read + distinct adapter bytes + y read and written) / copy bandwidth.
 
     python benchmarks/kernels_lora.py --json out.json
+
+With --silu: the gate/up projection only, the engine's MLP path with adapters. "unfused" is shrink + expand +
+elementwise silu_mul (what the engine ran before session 7); the other columns are shrink +
+lora_expand_silu_mul_triton under TUNING variants. Floor = (x read + distinct adapter bytes + gate/up output read
++ activation written) / copy bandwidth.
+
+    python benchmarks/kernels_lora.py --silu --influence --json out.json
 """
 
 from __future__ import annotations
@@ -19,7 +26,13 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import lora  # noqa: E402
-from kernels.lora import lora_expand_triton, lora_shrink_triton, make_lora_meta  # noqa: E402
+from kernels.elementwise import silu_mul_triton  # noqa: E402
+from kernels.lora import (  # noqa: E402
+    lora_expand_silu_mul_triton,
+    lora_expand_triton,
+    lora_shrink_triton,
+    make_lora_meta,
+)
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -57,6 +70,23 @@ VARIANTS = {  # lora.TUNING settings swept (the first is the current default)
 }
 
 
+# --silu: the fused gate/up expand + activation; "unfused" is not a TUNING setting but the old three-kernel path
+SILU_CASES = [(32, 1, 16), (32, 32, 16), (256, 1, 16), (256, 32, 16), (256, 256, 16), (4096, 1, 16), (4096, 4, 16)]
+SILU_VARIANTS = {
+    "unfused": None,
+    "fused": {},
+    "tiles": dict(silu_short_rows=0),
+    "rows4": dict(silu_short_rows=4),
+    "rows16": dict(silu_short_rows=16),
+    "w2": dict(silu_warps=2),
+    "w8": dict(silu_warps=8),
+    "bn64": dict(silu_block_n=64),
+    "bn256": dict(silu_block_n=256),
+    "tall_bn128": dict(silu_block_n_tall=128),
+    "tall_w8": dict(silu_warps_tall=8),
+}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="kernels_lora.json")
@@ -65,18 +95,22 @@ def main():
     ap.add_argument("--cases", default="", help="comma-separated T:adapters subset of CASES (default: all)")
     ap.add_argument("--influence", action="store_true",
                     help="the expand also sums the per-token influence statistics (as the engine runs it)")
+    ap.add_argument("--silu", action="store_true", help="gate/up only: the fused expand + activation (see above)")
     args = ap.parse_args()
-    variants = {k: v for k, v in VARIANTS.items() if not args.variants or k in args.variants.split(",")}
+    table = SILU_VARIANTS if args.silu else VARIANTS
+    variants = {k: v for k, v in table.items() if not args.variants or k in args.variants.split(",")}
+    if args.silu:
+        args.shapes = ["gate_up"]
     bw = copy_bandwidth()
     slots_n = 256
     base_tuning = dict(lora.TUNING)
     rows = []
     for shape in args.shapes:
         hidden, outs = SHAPES[shape]
-        for T, n_ad, rank_kind in CASES:
+        for T, n_ad, rank_kind in (SILU_CASES if args.silu else CASES):
             if args.cases and f"{T}:{n_ad}" not in args.cases.split(","):
                 continue
-            if shape != "qkv" and (rank_kind == "mixed" or T == 4096) and not args.cases:
+            if shape != "qkv" and (rank_kind == "mixed" or T == 4096) and not args.cases and not args.silu:
                 continue
             max_rank = 64 if rank_kind == "mixed" else 16
             ranks = (torch.tensor([1, 7, 16, 64] * (slots_n // 4)) if rank_kind == "mixed"
@@ -92,17 +126,23 @@ def main():
             used = sorted(set(slots.tolist()) - {-1})
             r_used = ranks[used].float().sum().item() if used else 0.0
             ad_bytes = r_used * (hidden * len(outs) + sum(outs)) * 2
-            floor_bytes = x.numel() * 2 + ad_bytes + 2 * y.numel() * 2
+            # the expand reads and writes y; the fused kernel reads it and writes an activation half its width
+            floor_bytes = x.numel() * 2 + ad_bytes + (y.numel() * 3 // 2 if args.silu else 2 * y.numel()) * 2
             row = dict(shape=shape, T=T, adapters=n_ad, rank=str(rank_kind), floor_us=floor_bytes / bw * 1e6)
             for vname, tune in variants.items():
                 lora.TUNING.clear()
-                lora.TUNING.update(base_tuning, **tune)
+                lora.TUNING.update(base_tuning, **(tune or {}))
 
                 sums = torch.zeros(2, T, device="cuda") if args.influence else None
 
-                def run():
+                def run(unfused=args.silu and tune is None):
                     h = lora_shrink_triton(x, a, ranks, meta)
+                    if args.silu and not unfused:
+                        lora_expand_silu_mul_triton(y, h, b, ranks, scale, meta, influence=sums)
+                        return
                     lora_expand_triton(y, h, b, ranks, scale, meta, influence=sums)
+                    if unfused:
+                        silu_mul_triton(y)
 
                 # graph replay removes launch gaps, as in the engine's decode graphs
                 run()
@@ -116,9 +156,10 @@ def main():
     lora.TUNING.clear()
     lora.TUNING.update(base_tuning)
     res = dict(device=torch.cuda.get_device_name(), copy_bw_tb_s=bw / 1e12, variants=variants, rows=rows,
-               influence=args.influence)
+               influence=args.influence, silu=args.silu)
     Path(args.json).write_text(json.dumps(res, indent=1))
-    print(f"LoRA shrink+expand us (graph replay), copy bw {bw / 1e12:.2f} TB/s; variants {variants}")
+    what = "gate/up shrink + expand + activation" if args.silu else "LoRA shrink+expand"
+    print(f"{what} us (graph replay), copy bw {bw / 1e12:.2f} TB/s; variants {variants}")
     print(f"{'shape':>7} {'T':>5} {'adapt':>5} {'rank':>5} {'floor':>7} " + " ".join(f"{v:>10}" for v in variants))
     for r in rows:
         print(f"{r['shape']:>7} {r['T']:>5} {r['adapters']:>5} {r['rank']:>5} {r['floor_us']:>7.1f} "

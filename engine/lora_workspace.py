@@ -22,22 +22,6 @@ import torch
 # (the ones graphed, where the memsets cost most) fit: 256 tokens x rank 16 on an 8B model is 3.7 MB.
 H_CAP_FLOATS = 8 << 20
 
-# On CUDA a projection's shrink reads only x, as its base matmul does: it runs on a side stream next to the
-# matmul (the expand waits for both), so its ~8-12 us of dependent-load latency hides under the matmul instead
-# of adding to the step. Inside a captured graph the fork and join are graph edges. Benchmarks switch it off
-# to measure it (benchmarks/gpu_engine.py --no-overlap-shrink).
-OVERLAP_SHRINK = True
-_SIDE_STREAMS: dict = {}
-
-
-def shrink_stream(device: torch.device):
-    """The side stream LoRA shrinks of `device` run on (one per device, made once)."""
-    key = str(device)
-    s = _SIDE_STREAMS.get(key)
-    if s is None:
-        s = _SIDE_STREAMS[key] = torch.cuda.Stream(device)
-    return s
-
 
 def lora_sizes(model: torch.nn.Module) -> tuple[int, int]:
     """(slices, projections) of the model's LoRA-capable linears: fused q/k/v count 3 slices, 1 projection."""
@@ -60,8 +44,6 @@ class LoRAWorkspace:
     sums: torch.Tensor | None  # [projections, 2, T] float32, zeroed; None when influence is not collected
     h_used: int = 0
     sums_used: int = 0
-    # CUDA: the stream shrinks run on beside their projection's base matmul (OVERLAP_SHRINK); None elsewhere
-    side_stream: object = None
 
     @classmethod
     def for_step(cls, sizes: tuple[int, int], num_tokens: int, max_rank: int, influence: bool,
@@ -73,8 +55,7 @@ class LoRAWorkspace:
         s_n = projections * 2 * num_tokens if influence else 0
         buf = torch.zeros(h_n + s_n, dtype=torch.float32, device=device)  # the step's one memset
         sums = buf[h_n:].view(projections, 2, num_tokens) if influence else None
-        side = shrink_stream(device) if OVERLAP_SHRINK and torch.device(device).type == "cuda" else None
-        return cls(buf[:h_n], sums, side_stream=side)
+        return cls(buf[:h_n], sums)
 
     def take_h(self, n_slices: int, num_tokens: int, max_rank: int) -> torch.Tensor | None:
         """A zeroed [n_slices, T, max_rank] piece, or None when the step's buffer has no room (caller allocates)."""

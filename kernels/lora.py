@@ -656,6 +656,27 @@ if HAVE_TRITON:
         tok = tl.load(sorted_ids_ptr + offs, mask=offs < end, other=0).to(tl.int64)
         return start, end, slot, rank, scale, tok
 
+    @triton.jit
+    def _round_as(x, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
+        """x rounded to DTYPE and held in float32: the GPU's own rounding cast where NATIVE (2 instructions), else
+        elementwise._round_to's bit form, exact in the interpreter too (whose casts truncate)."""
+        y = x
+        if NATIVE:
+            y = x.to(DTYPE).to(tl.float32)
+        else:
+            y = _round_to(x, DTYPE)
+        return y
+
+    @triton.jit
+    def _silu_mul_rounded(g, u, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
+        """silu(g) * u as the unfused path stores it: g and u (with their deltas) rounded to DTYPE (the expand's
+        store), then elementwise's silu_mul_kernel: F.silu's x / (1 + exp(-x)) with an IEEE division, rounded,
+        times u, rounded. float32, rounded to DTYPE."""
+        g = _round_as(g, DTYPE, NATIVE)
+        u = _round_as(u, DTYPE, NATIVE)
+        s = _round_as(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DTYPE, NATIVE)
+        return _round_as(s * u, DTYPE, NATIVE)
+
     @triton.jit(do_not_specialize=["T", "MAX_TILES"])  # see the shrink kernel
     def _lora_expand_silu_mul_kernel(
         # pointers
@@ -685,6 +706,8 @@ if HAVE_TRITON:
         R_PAD: tl.constexpr,  # max_rank rounded up to a power of two, >= 16
         PRECISION: tl.constexpr,
         INFLUENCE: tl.constexpr,
+        SHORT_ROWS: tl.constexpr,  # tiles of at most this many tokens are done row by row
+        NATIVE_ROUND: tl.constexpr,  # round with the GPU's casts (compiled) instead of the bit form (interpreter)
     ):
         # The gate/up expand with the MLP's activation as its epilogue: the expand's read-modify-write of the
         # [T, 2I] projection output (the largest of a layer's LoRA traffic) and the activation's second read of
@@ -724,31 +747,53 @@ if HAVE_TRITON:
 
             offs_n = blk * BLOCK_N + arange_n
             n_mask = offs_n < INTER
-            mn_mask = m_mask[:, None] & n_mask[None, :]
-            src = gu_ptr + tok[:, None] * stride_gu + offs_n[None, :]
-            g = tl.load(src, mask=mn_mask, other=0.0).to(tl.float32)
-            u = tl.load(src + INTER, mask=mn_mask, other=0.0).to(tl.float32)
-
             r_mask = offs_r < rank
-            b_off = (slot.to(tl.int64) * INTER + offs_n[None, :]) * MAX_RANK + offs_r[:, None]
-            b_mask = r_mask[:, None] & n_mask[None, :]
-            bg = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0)  # [R_PAD, BLOCK_N]
-            bu = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0)
-            h_off = tok[:, None] * MAX_RANK + offs_r[None, :]
-            h_mask = m_mask[:, None] & r_mask[None, :]
-            hg = tl.load(h_ptr + h_off, mask=h_mask, other=0.0).to(bg.dtype)  # [BLOCK_M, R_PAD]
-            hu = tl.load(h_ptr + T * MAX_RANK + h_off, mask=h_mask, other=0.0).to(bg.dtype)
-            dg = scale * tl.dot(hg, bg, input_precision=PRECISION, out_dtype=tl.float32)
-            du = scale * tl.dot(hu, bu, input_precision=PRECISION, out_dtype=tl.float32)
-            if INFLUENCE:
-                live = m_mask & (arange_m * 0 + rank > 0)  # nothing for a token without a (nonzero-rank) adapter
-                tl.atomic_add(infl_ptr + tok, tl.sum(dg * dg + du * du, axis=1), mask=live, sem="relaxed")
-                tl.atomic_add(infl_ptr + T + tok, tl.sum(g * g + u * u, axis=1), mask=live, sem="relaxed")
-            g = _round_to(g + dg, dtype)
-            u = _round_to(u + du, dtype)
-            sg = _round_to(tl.math.div_rn(g, 1.0 + tl.exp(-g)), dtype)
-            tl.store(out_ptr + tok[:, None] * INTER + offs_n[None, :], _round_to(sg * u, dtype).to(dtype),
-                     mask=mn_mask)
+            if end - start <= SHORT_ROWS:
+                # A tile of a few tokens (many adapters at decode: one token a tile at 1000 adapters): a tile-high
+                # dot would run the activation on BLOCK_M rows for each real one, and the activation's float32
+                # math, not the bytes, is then most of the kernel's time. Each token is done as a row instead:
+                # its delta a [BLOCK_N] reduction over the rank (CUDA cores), the slot's B blocks loaded once.
+                bt_off = (slot.to(tl.int64) * INTER + offs_n[:, None]) * MAX_RANK + offs_r[None, :]
+                bt_mask = n_mask[:, None] & r_mask[None, :]
+                bg = tl.load(bg_ptr + bt_off, mask=bt_mask, other=0.0)  # [BLOCK_N, R_PAD]
+                bu = tl.load(bu_ptr + bt_off, mask=bt_mask, other=0.0)
+                for j in range(start, end):
+                    tj = tl.load(sorted_ids_ptr + j).to(tl.int64)
+                    src = gu_ptr + tj * stride_gu + offs_n
+                    g = tl.load(src, mask=n_mask, other=0.0).to(tl.float32)
+                    u = tl.load(src + INTER, mask=n_mask, other=0.0).to(tl.float32)
+                    # h in B's dtype, as the dot takes it
+                    hg = tl.load(h_ptr + tj * MAX_RANK + offs_r, mask=r_mask, other=0.0).to(bg.dtype).to(tl.float32)
+                    hu = tl.load(h_ptr + (T + tj) * MAX_RANK + offs_r, mask=r_mask, other=0.0).to(bg.dtype)
+                    dg = scale * tl.sum(bg.to(tl.float32) * hg[None, :], axis=1)
+                    du = scale * tl.sum(bu.to(tl.float32) * hu.to(tl.float32)[None, :], axis=1)
+                    if INFLUENCE:
+                        tl.atomic_add(infl_ptr + tj, tl.sum(dg * dg + du * du, axis=0), mask=rank > 0, sem="relaxed")
+                        tl.atomic_add(infl_ptr + T + tj, tl.sum(g * g + u * u, axis=0), mask=rank > 0,
+                                      sem="relaxed")
+                    act = _silu_mul_rounded(g + dg, u + du, dtype, NATIVE_ROUND)
+                    tl.store(out_ptr + tj * INTER + offs_n, act.to(dtype), mask=n_mask)
+            else:
+                mn_mask = m_mask[:, None] & n_mask[None, :]
+                src = gu_ptr + tok[:, None] * stride_gu + offs_n[None, :]
+                g = tl.load(src, mask=mn_mask, other=0.0).to(tl.float32)
+                u = tl.load(src + INTER, mask=mn_mask, other=0.0).to(tl.float32)
+                b_off = (slot.to(tl.int64) * INTER + offs_n[None, :]) * MAX_RANK + offs_r[:, None]
+                b_mask = r_mask[:, None] & n_mask[None, :]
+                bg = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0)  # [R_PAD, BLOCK_N]
+                bu = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0)
+                h_off = tok[:, None] * MAX_RANK + offs_r[None, :]
+                h_mask = m_mask[:, None] & r_mask[None, :]
+                hg = tl.load(h_ptr + h_off, mask=h_mask, other=0.0).to(bg.dtype)  # [BLOCK_M, R_PAD]
+                hu = tl.load(h_ptr + T * MAX_RANK + h_off, mask=h_mask, other=0.0).to(bg.dtype)
+                dg = scale * tl.dot(hg, bg, input_precision=PRECISION, out_dtype=tl.float32)
+                du = scale * tl.dot(hu, bu, input_precision=PRECISION, out_dtype=tl.float32)
+                if INFLUENCE:
+                    live = m_mask & (arange_m * 0 + rank > 0)  # nothing for a token without a (nonzero-rank) adapter
+                    tl.atomic_add(infl_ptr + tok, tl.sum(dg * dg + du * du, axis=1), mask=live, sem="relaxed")
+                    tl.atomic_add(infl_ptr + T + tok, tl.sum(g * g + u * u, axis=1), mask=live, sem="relaxed")
+                act = _silu_mul_rounded(g + dg, u + du, dtype, NATIVE_ROUND)
+                tl.store(out_ptr + tok[:, None] * INTER + offs_n[None, :], act.to(dtype), mask=mn_mask)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -772,7 +817,7 @@ def _require_triton() -> None:
 # two y blocks and two B blocks; not yet swept on the GPU (first guesses from the expand's).
 TUNING = dict(shrink_grid=8, expand_grid=8, shrink_items=264, block_k=128, block_n=128, shrink_warps=4,
               expand_warps=2, block_n_tall=64, expand_warps_tall=4, silu_block_n=128, silu_warps=4,
-              silu_block_n_tall=64, silu_warps_tall=4)
+              silu_block_n_tall=64, silu_warps_tall=4, silu_short_rows=8)
 
 _TABLE_CACHE: dict[tuple, torch.Tensor] = {}
 _SM_COUNT: dict[str, int] = {}
@@ -975,6 +1020,7 @@ def lora_expand_silu_mul_triton(
         T, inter, max_rank, meta.max_tiles, n_blocks, gate_up.stride(0),
         BLOCK_M=meta.block_m, BLOCK_N=block_n, R_PAD=max(16, _pow2(max_rank)),
         PRECISION=_precision(gate_up.dtype), INFLUENCE=influence is not None,
+        SHORT_ROWS=TUNING["silu_short_rows"], NATIVE_ROUND=gate_up.is_cuda,
         num_warps=TUNING["silu_warps_tall" if tall else "silu_warps"],
     )
     return out

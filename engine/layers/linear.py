@@ -136,17 +136,13 @@ class LoRALinear(nn.Module):
             self._slice_key, self._slice_cache = key, (mods, spans)
         return self._slice_cache
 
-    def _base(self, x: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The base projection, and h when the shrink ran beside it (_shrink_aside), joined and ready."""
-        h = self._shrink_aside(x, ctx)  # CUDA: the shrink starts first, on a side stream
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
         y = None
         if self.cpu_decode is not None and self.weight is not None:
             y = cpu_decode_linear(x, self.weight, self.bias, self.cpu_decode)
         if y is None:
             y = base_linear(self, x)  # F.linear, or the 4-bit matmul of a quantized weight (layers/quant.py)
-        if h is not None:
-            torch.cuda.current_stream(x.device).wait_stream(ctx.lora_workspace.side_stream)  # join before the expand
-        return y, h
+        return y
 
     def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of this gate/up projection, each token's LoRA delta included. On the Triton path with
@@ -157,12 +153,11 @@ class LoRALinear(nn.Module):
         mods = self._slices(pool)[0] if ctx.lora_meta is not None else []
         if len(self.modules_) != 2 or len(mods) != 2 or not dispatch.use_triton(x):
             return dispatch.silu_mul(self(x))
-        y, h = self._base(x, ctx)
-        return self._expand_triton(y, x, mods, pool, ctx, h, silu_mul=True)
+        return self._expand_triton(self._base(x), x, mods, pool, ctx, silu_mul=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._base(x)
         ctx = get_context()
-        y, h = self._base(x, ctx)
         if ctx.lora_meta is None:
             return y
         pool = ctx.lora_pool
@@ -179,10 +174,10 @@ class LoRALinear(nn.Module):
                 return y
         whole = len(mods) == len(self.modules_)
         if whole and ctx.influence_sum is None:
-            self._add_delta(y, x, mods, [w for _, _, w in spans], pool, ctx, h)
+            self._add_delta(y, x, mods, [w for _, _, w in spans], pool, ctx)
             return y
         if whole and dispatch.use_triton(y):
-            return self._expand_triton(y, x, mods, pool, ctx, h)
+            return self._expand_triton(y, x, mods, pool, ctx)
         delta = y.new_zeros(y.shape[0], sum(w for _, _, w in spans))
         self._add_delta(delta, x, mods, [w for _, _, w in spans], pool, ctx)
         if ctx.influence_sum is not None:
@@ -200,14 +195,12 @@ class LoRALinear(nn.Module):
         return y
 
     def _expand_triton(self, y: torch.Tensor, x: torch.Tensor, mods: list[str], pool, ctx,
-                       h: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
+                       silu_mul: bool = False) -> torch.Tensor:
         """Triton: the expand adds the delta into y (or, with `silu_mul`, returns the MLP activation of y plus
         the delta, y untouched) and, with influence on, sums |delta|^2 and |base y|^2 per token as it goes (no
-        delta buffer, no row norms over [T, out]); then one ratio per token joins the influence sum. `h`: the
-        shrink already done (_shrink_aside)."""
+        delta buffer, no row norms over [T, out]); then one ratio per token joins the influence sum."""
         b = [pool.lora_b[m][self.layer_idx] for m in mods]
-        if h is None:
-            h = self._shrink(x, [pool.lora_a[m][self.layer_idx] for m in mods], pool, ctx)
+        h = self._shrink(x, [pool.lora_a[m][self.layer_idx] for m in mods], pool, ctx)
         sums = own = None
         if ctx.influence_sum is not None:
             ws = ctx.lora_workspace
@@ -226,14 +219,10 @@ class LoRALinear(nn.Module):
         ctx.influence_count += sums is not None
         return y
 
-    def _add_delta(self, out: torch.Tensor, x: torch.Tensor, mods: list[str], widths: list[int], pool, ctx,
-                   h: torch.Tensor | None = None) -> None:
-        """out [T, sum(widths)] += each token's LoRA delta over the slices `mods` (`h`: the shrink already done)."""
+    def _add_delta(self, out: torch.Tensor, x: torch.Tensor, mods: list[str], widths: list[int], pool, ctx) -> None:
+        """out [T, sum(widths)] += each token's LoRA delta over the slices `mods`."""
         a = [pool.lora_a[m][self.layer_idx] for m in mods]
         b = [pool.lora_b[m][self.layer_idx] for m in mods]
-        if h is not None:
-            dispatch.lora_expand(out, h, b, pool.rank, pool.scale, ctx.lora_meta)
-            return
         if self._live_rows_apply(x):
             rows = self._live_rows(a, b, pool.rank)
             if rows is not None:
@@ -242,28 +231,6 @@ class LoRALinear(nn.Module):
                 return
         h = self._shrink(x, a, pool, ctx)
         dispatch.lora_expand(out, h, b, pool.rank, pool.scale, ctx.lora_meta)
-
-    def _shrink_aside(self, x: torch.Tensor, ctx) -> torch.Tensor | None:
-        """Start this projection's shrink on the step's side stream (LoRAWorkspace.side_stream) into a workspace
-        piece, before the base matmul: both read only x, so the shrink's latency hides under the matmul. None
-        (nothing started) off CUDA, with no adapters, for a projection the pool covers only in part, or when the
-        workspace has no room (the usual path then allocates h on the main stream)."""
-        ws = ctx.lora_workspace
-        if ws is None or ws.side_stream is None or ctx.lora_meta is None:
-            return None
-        pool = ctx.lora_pool
-        mods, _ = self._slices(pool)
-        if not mods or len(mods) != len(self.modules_):
-            return None
-        a = [pool.lora_a[m][self.layer_idx] for m in mods]
-        out = ws.take_h(len(a), x.shape[0], a[0].shape[1])
-        if out is None:
-            return None
-        side = ws.side_stream
-        side.wait_stream(torch.cuda.current_stream(x.device))  # x is ready
-        with torch.cuda.stream(side):
-            lora_kernels.lora_shrink_triton(x, a, pool.rank, ctx.lora_meta, out=out)
-        return out
 
     @staticmethod
     def _shrink(x: torch.Tensor, a: list[torch.Tensor], pool, ctx) -> torch.Tensor:

@@ -61,7 +61,11 @@ def _unfused(gate_up, h, b, rank, scale, meta, influence=None):
     (20, 24, [16], "none"),  # all -1: the activation alone
     (70, 136, [64, 16, 7], "mixed"),
 ])
-def test_fused_matches_expand_then_activation(T, inter, ranks, kind):
+@pytest.mark.parametrize("short_rows", [0, 8, 64], ids=["tiles", "mixed-paths", "rows"])
+def test_fused_matches_expand_then_activation(T, inter, ranks, kind, short_rows, monkeypatch):
+    # tiles of <= short_rows tokens go row by row, the others through a tile-high dot: each path on its own, and
+    # the two side by side
+    monkeypatch.setitem(lora.TUNING, "silu_short_rows", short_rows)
     x, gate_up, a, b, rank, scale, slots = _case(T, inter, ranks, kind, seed=T + inter)
     got, h, meta = _fused(x, gate_up, a, b, rank, scale, slots)
     want = _unfused(gate_up, h, b, rank, scale, meta)
@@ -73,7 +77,9 @@ def test_fused_matches_expand_then_activation(T, inter, ranks, kind):
     torch.testing.assert_close(got.double(), F.silu(gate) * up, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_matches_the_reference_and_adds_the_expands_influence():
+@pytest.mark.parametrize("short_rows", [0, 64], ids=["tiles", "rows"])
+def test_fused_matches_the_reference_and_adds_the_expands_influence(short_rows, monkeypatch):
+    monkeypatch.setitem(lora.TUNING, "silu_short_rows", short_rows)
     x, gate_up, a, b, rank, scale, slots = _case(45, 56, [16, 4, 9], "mixed", seed=5)
     infl = _on(torch.zeros(2, 45))
     got, h, meta = _fused(x, gate_up, a, b, rank, scale, slots, influence=infl)
@@ -86,8 +92,10 @@ def test_fused_matches_the_reference_and_adds_the_expands_influence():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="bf16 dots are checked on the GPU run (the interpreter has no bf16 dot)")
-def test_bf16_rounds_as_the_unfused_path():
+@pytest.mark.parametrize("short_rows", [0, 64], ids=["tiles", "rows"])
+def test_bf16_rounds_as_the_unfused_path(short_rows, monkeypatch):
     """bf16: gate and up are rounded after their delta (the expand's store), then the activation's roundings."""
+    monkeypatch.setitem(lora.TUNING, "silu_short_rows", short_rows)
     x, gate_up, a, b, rank, scale, slots = _case(33, 48, [16, 8], "mixed", seed=7, dtype=torch.bfloat16)
     got, h, meta = _fused(x, gate_up, a, b, rank, scale, slots)
     want = _unfused(gate_up, h, b, rank, scale, meta)
