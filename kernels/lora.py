@@ -753,26 +753,30 @@ if HAVE_TRITON:
                 # dot would run the activation on BLOCK_M rows for each real one, and the activation's float32
                 # math, not the bytes, is then most of the kernel's time. Each token is done as a row instead:
                 # its delta a [BLOCK_N] reduction over the rank (CUDA cores), the slot's B blocks loaded once.
-                bt_off = (slot.to(tl.int64) * INTER + offs_n[:, None]) * MAX_RANK + offs_r[None, :]
-                bt_mask = n_mask[:, None] & r_mask[None, :]
-                bg = tl.load(bg_ptr + bt_off, mask=bt_mask, other=0.0)  # [BLOCK_N, R_PAD]
-                bu = tl.load(bu_ptr + bt_off, mask=bt_mask, other=0.0)
+                row_bt_off = (slot.to(tl.int64) * INTER + offs_n[:, None]) * MAX_RANK + offs_r[None, :]
+                row_bt_mask = n_mask[:, None] & r_mask[None, :]
+                row_bg = tl.load(bg_ptr + row_bt_off, mask=row_bt_mask, other=0.0)  # [BLOCK_N, R_PAD]
+                row_bu = tl.load(bu_ptr + row_bt_off, mask=row_bt_mask, other=0.0)
+                b_dtype = row_bg.dtype
+                row_bg = row_bg.to(tl.float32)
+                row_bu = row_bu.to(tl.float32)
                 for j in range(start, end):
                     tj = tl.load(sorted_ids_ptr + j).to(tl.int64)
-                    src = gu_ptr + tj * stride_gu + offs_n
-                    g = tl.load(src, mask=n_mask, other=0.0).to(tl.float32)
-                    u = tl.load(src + INTER, mask=n_mask, other=0.0).to(tl.float32)
-                    # h in B's dtype, as the dot takes it
-                    hg = tl.load(h_ptr + tj * MAX_RANK + offs_r, mask=r_mask, other=0.0).to(bg.dtype).to(tl.float32)
-                    hu = tl.load(h_ptr + (T + tj) * MAX_RANK + offs_r, mask=r_mask, other=0.0).to(bg.dtype)
-                    dg = scale * tl.sum(bg.to(tl.float32) * hg[None, :], axis=1)
-                    du = scale * tl.sum(bu.to(tl.float32) * hu.to(tl.float32)[None, :], axis=1)
+                    row_src = gu_ptr + tj * stride_gu + offs_n
+                    row_g = tl.load(row_src, mask=n_mask, other=0.0).to(tl.float32)
+                    row_u = tl.load(row_src + INTER, mask=n_mask, other=0.0).to(tl.float32)
+                    # h rounded to B's dtype, as the dot takes it
+                    row_hg = tl.load(h_ptr + tj * MAX_RANK + offs_r, mask=r_mask, other=0.0).to(b_dtype)
+                    row_hu = tl.load(h_ptr + (T + tj) * MAX_RANK + offs_r, mask=r_mask, other=0.0).to(b_dtype)
+                    row_dg = scale * tl.sum(row_bg * row_hg.to(tl.float32)[None, :], axis=1)
+                    row_du = scale * tl.sum(row_bu * row_hu.to(tl.float32)[None, :], axis=1)
                     if INFLUENCE:
-                        tl.atomic_add(infl_ptr + tj, tl.sum(dg * dg + du * du, axis=0), mask=rank > 0, sem="relaxed")
-                        tl.atomic_add(infl_ptr + T + tj, tl.sum(g * g + u * u, axis=0), mask=rank > 0,
-                                      sem="relaxed")
-                    act = _silu_mul_rounded(g + dg, u + du, dtype, NATIVE_ROUND)
-                    tl.store(out_ptr + tj * INTER + offs_n, act.to(dtype), mask=n_mask)
+                        row_d2 = tl.sum(row_dg * row_dg + row_du * row_du, axis=0)
+                        row_y2 = tl.sum(row_g * row_g + row_u * row_u, axis=0)
+                        tl.atomic_add(infl_ptr + tj, row_d2, mask=rank > 0, sem="relaxed")
+                        tl.atomic_add(infl_ptr + T + tj, row_y2, mask=rank > 0, sem="relaxed")
+                    row_act = _silu_mul_rounded(row_g + row_dg, row_u + row_du, dtype, NATIVE_ROUND)
+                    tl.store(out_ptr + tj * INTER + offs_n, row_act.to(dtype), mask=n_mask)
             else:
                 mn_mask = m_mask[:, None] & n_mask[None, :]
                 src = gu_ptr + tok[:, None] * stride_gu + offs_n[None, :]
