@@ -240,15 +240,40 @@ class StepRecorder:
     def __init__(self, runner, sync=torch.cuda.synchronize):
         self.runner, self.orig, self.steps, self.sync = runner, runner.run, [], sync
         runner.run = self._run
+        self._parts: dict = {}
+
+    def split_graph_steps(self) -> None:
+        """Also time the parts of a graphed step (--step-breakdown): the host filling the static buffers, the
+        graph's replay to its end (a sync added there), and the rest (logits, sampling, influence readback)."""
+        graphs = self.runner.graphs
+        if graphs is None:
+            return
+        run, fill = graphs.run, graphs._fill
+
+        def timed_fill(*a, **k):
+            t = time.perf_counter()
+            res = fill(*a, **k)
+            self._parts["fill"] = time.perf_counter() - t
+            return res
+
+        def timed_run(*a, **k):
+            t = time.perf_counter()
+            res = run(*a, **k)
+            self.sync()
+            self._parts["graph_run"] = time.perf_counter() - t
+            return res
+
+        graphs._fill, graphs.run = timed_fill, timed_run
 
     def _run(self, out):
         self.sync()
+        self._parts = {}
         t0 = time.perf_counter()
         res = self.orig(out)
         self.sync()
         dt = time.perf_counter() - t0
         sched = out.scheduled
-        self.steps.append(dict(t0=t0,
+        self.steps.append(dict(t0=t0, parts=self._parts,
             batch=len(sched), decode=all(s.num_new_tokens == 1 for s in sched),
             tokens=sum(s.num_new_tokens for s in sched),
             ctx=sum(s.seq.num_computed_tokens + s.num_new_tokens for s in sched),
@@ -275,6 +300,18 @@ class GcPauses:
         full = [ms for g, ms in self.pauses if g == 2]
         return dict(collections=len(self.pauses), total_ms=round(sum(ms for _, ms in self.pauses), 1),
                     full_collections=len(full), full_max_ms=round(max(full), 1) if full else None)
+
+
+def step_parts_ms(steps) -> dict | None:
+    """Medians of a graphed decode step's parts (StepRecorder.split_graph_steps): host fill of the static buffers,
+    the replay after it, and the runner's work after the replay; None when not recorded."""
+    parts = [s["parts"] for s in steps if "graph_run" in s.get("parts", {})]
+    if not parts:
+        return None
+    med = lambda xs: round(float(np.median(xs)) * 1e3, 3)  # noqa: E731
+    return dict(fill=med([p["fill"] for p in parts]), replay=med([p["graph_run"] - p["fill"] for p in parts]),
+                after=med([s["s"] - s["parts"]["graph_run"] for s in steps if "graph_run" in s.get("parts", {})]),
+                steps=len(parts))
 
 
 def percentile(xs, q):
@@ -442,6 +479,8 @@ def parse_args(argv=None):
                                       "offline configs)")
     ap.add_argument("--no-influence", action="store_true", help="EngineConfig.collect_influence=False")
     ap.add_argument("--gc-freeze", action="store_true", help="gc.collect() + gc.freeze() once the engine is up")
+    ap.add_argument("--step-breakdown", action="store_true",
+                    help="split graphed decode steps into buffer fill / replay / after (adds a sync after replay)")
     ap.add_argument("--admit-wait-ms", type=float, default=EngineConfig.adapter_admit_wait_ms,
                     help="EngineConfig.adapter_admit_wait_ms (0: a request whose adapter loads waits a step)")
     ap.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="on",
@@ -652,7 +691,10 @@ class Bench:
             # walks them
             gc.collect()
             gc.freeze()
-        return Rig(engine, cache, StepRecorder(engine.runner, self.sync), graphs, weight_bytes)
+        rec = StepRecorder(engine.runner, self.sync)
+        if args.step_breakdown:
+            rec.split_graph_steps()
+        return Rig(engine, cache, rec, graphs, weight_bytes)
 
     def close_rig(self, rig: Rig) -> None:
         rig.engine.close()
@@ -731,6 +773,7 @@ class Bench:
                  decode_floor_ms=round(floor_s * 1e3, 2) if floor_s else None,
                  step_over_floor=round(step_s / floor_s, 2) if step_s and floor_s else None,
                  decode_steps_measured=len(dec),
+                 decode_step_parts_ms=step_parts_ms(dec),
                  # where the wall time goes: the runner's steps (forward, logits, sampling; synchronised) split
                  # into pure-decode and prefill/mixed steps, and the host's work between them (scheduling,
                  # stop checks, outputs, adapter-load waits)
@@ -753,6 +796,8 @@ class Bench:
         print(f"{key:26} {ntok:6d} tok {wall:7.2f} s {r['output_tok_s']:9.1f} tok/s  step {r['decode_step_ms']} ms "
               f"(batch {full}, floor {r['decode_floor_ms']} ms, x{r['step_over_floor']}), loads {h2d['misses']}"
               f"{graphs}", flush=True)
+        if r["decode_step_parts_ms"]:
+            print(f"{'':26} decode step parts (ms): {r['decode_step_parts_ms']}", flush=True)
         return r
 
     # --- online ---

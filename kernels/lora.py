@@ -818,10 +818,14 @@ def _require_triton() -> None:
 # Measured on the H100 with influence on (benchmarks/kernels_lora.py --influence, RESULTS.md session 6): 2 warps
 # for the expand at decode (-5..-28% at 256 tokens), 64-column blocks for tall tiles (-11..-18% at 4,096).
 # silu_*: the gate/up expand fused with the MLP activation (lora_expand_silu_mul_triton), whose work item holds
-# two y blocks and two B blocks; not yet swept on the GPU (first guesses from the expand's).
+# two y blocks and two B blocks. silu_short_rows: tiles of at most this many tokens go row by row. Swept on the H100
+# (benchmarks/kernels_lora.py --silu --influence, RESULTS.md session 7): 4 rows beat 8 at 32 adapters x 256
+# tokens (88 vs 137 us) and match it elsewhere; 2 warps help the row path (256 adapters 235 vs 289 us) but cost
+# the tile path more (32 adapters 112 vs 88), so 4 warps stay; 128-column blocks for tall tiles (4,096 tokens: 345
+# vs 397 us).
 TUNING = dict(shrink_grid=8, expand_grid=8, shrink_items=264, block_k=128, block_n=128, shrink_warps=4,
               expand_warps=2, block_n_tall=64, expand_warps_tall=4, silu_block_n=128, silu_warps=4,
-              silu_block_n_tall=64, silu_warps_tall=4, silu_short_rows=8)
+              silu_block_n_tall=128, silu_warps_tall=4, silu_short_rows=4)
 
 _TABLE_CACHE: dict[tuple, torch.Tensor] = {}
 _SM_COUNT: dict[str, int] = {}
