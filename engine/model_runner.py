@@ -121,9 +121,21 @@ class ModelRunner:
         # read the influence sums only now, when the GPU has finished the step anyway
         influence = [0.0] * len(out.scheduled)
         if infl_sum is not None and infl_count:
-            per_token = (infl_sum / infl_count).cpu()
-            sums = torch.segment_reduce(per_token, "sum", offsets=torch.tensor(x.qsl))
-            influence = [float(v) for v in sums]
+            influence = per_sequence_sums((infl_sum / infl_count).cpu(), x.qsl)
         if not rows:
             return StepResult(None, None, influence)
         return StepResult(sampled, logits.float() if self.keep_logits else None, influence)
+
+
+def per_sequence_sums(per_token: torch.Tensor, qsl: list[int]) -> list[float]:
+    """Sum a CPU [T] float32 tensor over each sequence's tokens (query start offsets `qsl`, B + 1 of them).
+
+    Runs after every LoRA step while the GPU waits for the next one: a decode step (one token per sequence) needs
+    no reduction, and a mixed step one index_add_; torch.segment_reduce plus a float() per row cost ~0.37 ms at
+    batch 256 on the 2-core VM, ~0.01 ms this way."""
+    b = len(qsl) - 1
+    if per_token.shape[0] == b:
+        return per_token.tolist()
+    lens = torch.tensor(qsl).diff()
+    owner = torch.repeat_interleave(torch.arange(b), lens)
+    return torch.zeros(b, dtype=per_token.dtype).index_add_(0, owner, per_token).tolist()

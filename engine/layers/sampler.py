@@ -28,10 +28,14 @@ class Sampler:
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        logits = logits.float()
-        raw = logits
         rows = len(seqs)
         params = [s.params for s in seqs]
+        if all(p.greedy and p.logprobs is None and not self._penalised(s) for p, s in zip(params, seqs)):
+            # the common batch: argmax in the model's dtype (float32 holds every bf16/fp16 value exactly, so the
+            # choice is the same) without a float32 copy of [rows, vocab] logits (0.13 GB at batch 256, 128k vocab)
+            return SampleResult(logits.argmax(dim=-1).cpu().tolist(), [None] * rows)
+        logits = logits.float()
+        raw = logits
         logits = self._penalties(logits, seqs)
 
         chosen = torch.empty(rows, dtype=torch.long)
@@ -56,12 +60,18 @@ class Sampler:
                 lp_out[i] = (float(lps[j, chosen[i]]), alts)
         return SampleResult(chosen.tolist(), lp_out)
 
+    @staticmethod
+    def _penalised(s: Sequence) -> bool:
+        """Whether _penalties changes this sequence's logits (penalties, or EOS banned before min_tokens)."""
+        p = s.params
+        return bool(p.presence_penalty or p.frequency_penalty or s.num_output_tokens < p.min_tokens)
+
     def _penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         copied = False
         for i, s in enumerate(seqs):
             p = s.params
             ban_eos = s.num_output_tokens < p.min_tokens
-            if not (p.presence_penalty or p.frequency_penalty or ban_eos):
+            if not self._penalised(s):
                 continue
             if not copied:
                 logits, copied = logits.clone(), True

@@ -51,3 +51,27 @@ def test_min_tokens_bans_eos_until_reached():
     logits = torch.tensor([[5.0, 1.0, 0.0]])
     assert sampler(logits, [_seq(temperature=0.0, min_tokens=2)]).token_ids == [1]
     assert sampler(logits, [_seq(temperature=0.0)]).token_ids == [0]
+
+
+def test_plain_greedy_batches_pick_in_the_logits_dtype_as_float32_would():
+    """An all-greedy batch with no penalties and no logprobs argmaxes the bf16 logits as they are (no float32 copy):
+    the same choices, ties included, as the float32 path the other batches take."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(9, 50, generator=g) * 4).to(torch.bfloat16)
+    logits[3, 7] = logits[3, 11] = logits[3].max() + 1  # a tie: the first index wins on both paths
+    sampler = Sampler()
+    seqs = [_seq(temperature=0.0) for _ in range(9)]
+    fast = sampler(logits, seqs)
+    assert fast.token_ids == logits.float().argmax(dim=-1).tolist() and fast.token_ids[3] == 7
+    assert fast.logprobs == [None] * 9
+    # one row asking for logprobs sends the batch down the float32 path: same tokens
+    seqs[0] = _seq(temperature=0.0, logprobs=2)
+    slow = sampler(logits, seqs)
+    assert slow.token_ids == fast.token_ids and slow.logprobs[0] is not None
+
+
+def test_a_penalised_row_in_a_greedy_batch_still_gets_its_penalty():
+    sampler = Sampler(eos_token_ids=frozenset({0}))
+    logits = torch.tensor([[5.0, 1.0, 0.0], [5.0, 1.0, 0.0]])
+    picks = sampler(logits, [_seq(temperature=0.0), _seq(temperature=0.0, min_tokens=1)]).token_ids
+    assert picks == [0, 1]
