@@ -20,6 +20,10 @@ shapes and TUNING only (never on the adapter mix), so both kernels can be captur
 all-dead batch costs one scalar load per program instead of a worst-case grid of idle programs.
 
 The plain-PyTorch references loop over the distinct slots in the batch (never over tokens).
+
+`lora_expand_silu_mul_triton` is the gate/up expand with the MLP activation as its epilogue: it returns
+silu(gate + delta) * (up + delta) for every token in one pass over the projection output (reference: the expand,
+then kernels.elementwise.silu_mul_ref).
 """
 
 from __future__ import annotations
