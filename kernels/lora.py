@@ -28,6 +28,7 @@ then kernels.elementwise.silu_mul_ref).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -809,6 +810,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _interpreting() -> bool:
+    """Whether Triton runs kernels through its interpreter (TRITON_INTERPRET), whose float casts truncate."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
+
+
 def _require_triton() -> None:
     if not HAVE_TRITON:
         raise RuntimeError("Triton is not installed; use the *_ref functions or kernels.dispatch")
@@ -1032,7 +1038,7 @@ def lora_expand_silu_mul_triton(
         T, inter, max_rank, meta.max_tiles, n_blocks, gate_up.stride(0),
         BLOCK_M=meta.block_m, BLOCK_N=block_n, R_PAD=max(16, _pow2(max_rank)),
         PRECISION=_precision(gate_up.dtype), INFLUENCE=influence is not None,
-        SHORT_ROWS=TUNING["silu_short_rows"], NATIVE_ROUND=gate_up.is_cuda,
+        SHORT_ROWS=TUNING["silu_short_rows"], NATIVE_ROUND=not _interpreting(),
         num_warps=TUNING["silu_warps_tall" if tall else "silu_warps"],
     )
     return out
