@@ -305,13 +305,13 @@ class GcPauses:
 def step_parts_ms(steps) -> dict | None:
     """Medians of a graphed decode step's parts (StepRecorder.split_graph_steps): host fill of the static buffers,
     the replay after it, and the runner's work after the replay; None when not recorded."""
-    parts = [s["parts"] for s in steps if "graph_run" in s.get("parts", {})]
-    if not parts:
+    timed = [s for s in steps if "graph_run" in s["parts"]]
+    if not timed:
         return None
     med = lambda xs: round(float(np.median(xs)) * 1e3, 3)  # noqa: E731
-    return dict(fill=med([p["fill"] for p in parts]), replay=med([p["graph_run"] - p["fill"] for p in parts]),
-                after=med([s["s"] - s["parts"]["graph_run"] for s in steps if "graph_run" in s.get("parts", {})]),
-                steps=len(parts))
+    return dict(fill=med([s["parts"]["fill"] for s in timed]),
+                replay=med([s["parts"]["graph_run"] - s["parts"]["fill"] for s in timed]),
+                after=med([s["s"] - s["parts"]["graph_run"] for s in timed]), steps=len(timed))
 
 
 def percentile(xs, q):
