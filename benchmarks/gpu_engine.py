@@ -235,12 +235,22 @@ def device_sync(device: str):
 
 
 class StepRecorder:
-    """Wraps runner.run: wall time of each step (synchronised) with its batch, context and adapter count."""
+    """Wraps runner.launch / runner.collect: each step's batch, context and adapter count, and its time `s`.
 
-    def __init__(self, runner, sync=torch.cuda.synchronize):
-        self.runner, self.orig, self.steps, self.sync = runner, runner.run, [], sync
-        runner.run = self._run
+    One step at a time (`overlap=False`): `s` is the step's run from its launch to the end of its GPU work (a
+    sync before and after), as before async steps existed. Async steps (`overlap=True`): a sync would stop the
+    next step from being queued behind the running one, so nothing is synchronised and `s` is the time from the
+    step's launch to the next launch (the period at which steps leave the engine; the last step's runs to
+    `close()`). `last_collected` is the step whose tokens the engine read back most recently."""
+
+    def __init__(self, runner, sync=torch.cuda.synchronize, overlap: bool = False):
+        self.runner, self.sync, self.overlap = runner, sync, overlap
+        self.orig_launch, self.orig_collect = runner.launch, runner.collect
+        runner.launch, runner.collect = self._launch, self._collect
+        self.steps: list[dict] = []
         self._parts: dict = {}
+        self._by_launch: dict[int, dict] = {}
+        self.last_collected: dict | None = None
 
     def split_graph_steps(self) -> None:
         """Also time the parts of a graphed step (--step-breakdown): the host filling the static buffers, the
@@ -248,6 +258,8 @@ class StepRecorder:
         graphs = self.runner.graphs
         if graphs is None:
             return
+        if self.overlap:
+            raise SystemExit("--step-breakdown syncs inside each step: run it with --async-steps off")
         run, fill = graphs.run, graphs._fill
 
         def timed_fill(*a, **k):
@@ -265,20 +277,42 @@ class StepRecorder:
 
         graphs._fill, graphs.run = timed_fill, timed_run
 
-    def _run(self, out):
-        self.sync()
+    def _launch(self, out, prev_ids=None):
+        if not self.overlap:
+            self.sync()
         self._parts = {}
         t0 = time.perf_counter()
-        res = self.orig(out)
-        self.sync()
-        dt = time.perf_counter() - t0
+        if self.overlap and self.steps and self.steps[-1]["s"] is None:
+            self.steps[-1]["s"] = t0 - self.steps[-1]["t0"]
+        launched = self.orig_launch(out, prev_ids)
+        dt = None
+        if not self.overlap:
+            self.sync()
+            dt = time.perf_counter() - t0
         sched = out.scheduled
-        self.steps.append(dict(t0=t0, parts=self._parts,
-            batch=len(sched), decode=all(s.num_new_tokens == 1 for s in sched),
-            tokens=sum(s.num_new_tokens for s in sched),
-            ctx=sum(s.seq.num_computed_tokens + s.num_new_tokens for s in sched),
-            adapters=len({s.seq.lora_slot for s in sched if s.seq.lora_slot >= 0}), s=dt))
+        rec = dict(t0=t0, parts=self._parts,
+                   batch=len(sched), decode=all(s.num_new_tokens == 1 for s in sched),
+                   tokens=sum(s.num_new_tokens for s in sched),
+                   ctx=sum(s.seq.num_computed_tokens + s.num_new_tokens for s in sched),
+                   adapters=len({s.seq.lora_slot for s in sched if s.seq.lora_slot >= 0}), s=dt)
+        self.steps.append(rec)
+        self._by_launch[id(launched)] = rec
+        return launched
+
+    def _collect(self, launched):
+        res = self.orig_collect(launched)
+        self.last_collected = self._by_launch.pop(id(launched), None)
         return res
+
+    def close(self) -> None:
+        """After a run (synchronised): the last step's period runs to now."""
+        if self.steps and self.steps[-1]["s"] is None:
+            self.steps[-1]["s"] = time.perf_counter() - self.steps[-1]["t0"]
+
+    def clear(self) -> None:
+        self.steps.clear()
+        self._by_launch.clear()
+        self.last_collected = None
 
 
 class GcPauses:
@@ -478,6 +512,9 @@ def parse_args(argv=None):
     ap.add_argument("--configs", help="comma-separated offline config labels to run (default: all; 'none': no "
                                       "offline configs)")
     ap.add_argument("--no-influence", action="store_true", help="EngineConfig.collect_influence=False")
+    ap.add_argument("--async-steps", choices=["auto", "on", "off"], default="auto",
+                    help="EngineConfig.async_steps: launch step k+1 before reading step k back (auto: on for CUDA). "
+                         "With it on, a decode step's time is the launch-to-launch period (nothing is synchronised)")
     ap.add_argument("--gc-freeze", action="store_true", help="gc.collect() + gc.freeze() once the engine is up")
     ap.add_argument("--step-breakdown", action="store_true",
                     help="split graphed decode steps into buffer fill / replay / after (adds a sync after replay)")
@@ -581,8 +618,8 @@ class OnlineTrace:
                     achieved_rps=round(len(self.done) / span, 3) if span else None,
                     output_tok_s=round(ntok / span, 1) if span else None,
                     ttft_ms=pcts_ms(ttft), itl_ms=pcts_ms(self.itl), tpot_ms=pcts_ms(tpot), e2e_ms=pcts_ms(e2e),
-                    ttft_wait_ms=pcts_ms(wait), ttft_step_ms=pcts_ms([fs[k]["s"] for k in fs]),
-                    ttft_after_step_ms=pcts_ms([self.first[k] - fs[k]["start"] - fs[k]["s"] for k in fs]),
+                    ttft_wait_ms=pcts_ms(wait), ttft_step_ms=pcts_ms([fs[k]["rec"]["s"] for k in fs]),
+                    ttft_after_step_ms=pcts_ms([self.first[k] - fs[k]["start"] - fs[k]["rec"]["s"] for k in fs]),
                     ttft_step_tokens=pcts([fs[k]["tokens"] for k in fs]))
 
 
@@ -664,7 +701,8 @@ class Bench:
                             max_model_len=self.max_model_len,
                             num_lora_slots=slots, max_lora_rank=max_rank, collect_influence=not args.no_influence,
                             cuda_graphs=graphs, cuda_graph_max_batch=max_seqs, quantization=quantization,
-                            quant_group_size=quant_group_size, adapter_admit_wait_ms=args.admit_wait_ms)
+                            quant_group_size=quant_group_size, adapter_admit_wait_ms=args.admit_wait_ms,
+                            async_steps={"auto": None, "on": True, "off": False}[args.async_steps])
         if args.smoke:
             pool_elems, host_bytes = 1 << 20, 64 << 20
         cache = SyntheticAdapterCache(self.mcfg, num_slots=slots, max_rank=max_rank, device=self.device,
@@ -691,14 +729,14 @@ class Bench:
             # walks them
             gc.collect()
             gc.freeze()
-        rec = StepRecorder(engine.runner, self.sync)
+        rec = StepRecorder(engine.runner, self.sync, overlap=engine.async_steps)
         if args.step_breakdown:
             rec.split_graph_steps()
         return Rig(engine, cache, rec, graphs, weight_bytes)
 
     def close_rig(self, rig: Rig) -> None:
         rig.engine.close()
-        rig.rec.steps.clear()
+        rig.rec.clear()
         rig.engine = rig.cache = rig.rec = None
         gc.collect()
         if self.cuda:
@@ -739,13 +777,14 @@ class Bench:
         params = SamplingParams(temperature=0.0, max_tokens=out_tokens, ignore_eos=True)
         before = {k: dict(v) for k, v in cache.stats().items() if isinstance(v, dict)}
         g_before = graph_counters(engine.runner)
-        rec.steps.clear()
+        rec.clear()
         self.sync()
         self.gc.pauses.clear()
         t = time.perf_counter()
         outs = engine.generate(ps, params, adapters=names)
         self.sync()
         wall = time.perf_counter() - t
+        rec.close()
         gc_pauses = self.gc.summary()
         ntok = sum(len(o.token_ids) for o in outs)
         failed = sum(1 for o in outs if o.completions[0].finish_reason == "error")
@@ -753,7 +792,7 @@ class Bench:
             self.report["notes"].append(f"{label}: {failed} of {n_req} requests finished with an error")
             print(f"WARNING {label}: {failed} of {n_req} requests finished with an error", flush=True)
         steps = list(rec.steps)
-        rec.steps.clear()
+        rec.clear()
         full = max((s["batch"] for s in steps if s["decode"]), default=0)
         dec = [s for s in steps if s["decode"] and s["batch"] >= 0.9 * full]
         step_s = float(np.median([s["s"] for s in dec])) if dec else None
@@ -833,16 +872,17 @@ class Bench:
                     break
                 time.sleep(max(0.0, float(arrivals[nxt]) - (time.perf_counter() - t0)))  # idle until the next one
                 continue
-            n_steps = len(rig.rec.steps)
-            outs = engine.step()  # the sampler syncs: token times are when the tokens exist on the host
+            rig.rec.last_collected = None
+            outs = engine.step()  # token times are when the tokens exist on the host (collected)
             t = time.perf_counter() - t0
-            last = rig.rec.steps[-1] if len(rig.rec.steps) > n_steps else None
-            step = None if last is None else dict(start=last["t0"] - t0, s=last["s"], tokens=last["tokens"])
+            last = rig.rec.last_collected  # the step whose tokens these are (the one before, with async steps)
+            step = None if last is None else dict(start=last["t0"] - t0, tokens=last["tokens"], rec=last)
             for o in outs:
                 trace.record(ids[o.request_id], t, len(o.completions[0].delta_token_ids), o.finished, step)
             if not outs and not engine.scheduler.running:
                 time.sleep(0.0005)  # only adapters loading in the background: wait for them
-        rig.rec.steps.clear()
+        rig.rec.close()
+        rig.rec.clear()
         r = dict(config=label, cuda_graphs=rig.graphs, rate_rps=round(rps, 3), fraction_of_saturation=fraction,
                  saturation_rps=round(sat_rps, 3) if sat_rps else None, requests=n, truncated=truncated,
                  offered_rps=round((n - 1) / float(arrivals[-1]), 3) if arrivals[-1] > 0 else None)

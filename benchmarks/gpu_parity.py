@@ -116,14 +116,77 @@ def run(dtype_name: str, model_dir: Path, paths: dict[str, Path], n_new: int = 8
             "tokens_agree": sum(r["agree"] for r in rows), "tokens_total": sum(r["of"] for r in rows)}
 
 
-def _engine(model_dir: Path, paths: dict[str, Path], dtype_name: str, graphs: bool):
+def _engine(model_dir: Path, paths: dict[str, Path], dtype_name: str, graphs: bool, async_steps: bool | None = None):
     engine = build_engine(model_dir, EngineConfig(device="cuda", dtype=dtype_name, num_kv_blocks=256,
                                                   num_lora_slots=4, max_lora_rank=16, max_num_seqs=16,
-                                                  cuda_graphs=graphs), random_weights=False)
+                                                  cuda_graphs=graphs, async_steps=async_steps), random_weights=False)
     for name, path in paths.items():
         engine.register_adapter(name, path)
         engine.adapters.load(name)
     return engine
+
+
+def _staggered(engine, prompts, params, names) -> list:
+    """Requests join every other step (decode batches pad into several graph buckets); final outputs in order."""
+    rids, done, step = [], {}, 0
+    while len(rids) < len(prompts) or engine.has_unfinished():
+        if len(rids) < len(prompts) and step % 2 == 0:
+            k = len(rids)
+            rids.append(engine.add_request(prompts[k], params[k], names[k]))
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o
+        step += 1
+    return [done[r] for r in rids]
+
+
+def async_vs_one_at_a_time(dtype_name: str, model_dir: Path, paths: dict[str, Path]) -> dict:
+    """EngineConfig.async_steps on CUDA: step k+1 queued before step k's tokens are read, its inputs taken from
+    step k's sampled ids on the device. The staggered workload with mixed sampling (greedy, seeded top-p, logprobs,
+    n=2, stop tokens that really occur, different lengths) and CUDA graphs on, async steps off and on: every
+    token, logprob (to 1e-4) and finish reason should be the same."""
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(10, CFG["vocab_size"] - 10, (4 + 2 * i,), generator=g).tolist() for i in range(12)]
+    names = [[None, "qv8", "mlp16", "all16"][i % 4] for i in range(12)]
+    probe = _engine(model_dir, paths, dtype_name, True, async_steps=False)
+    greedy = _staggered(probe, prompts, [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)] * 12, names)
+    probe.close()
+    params = []
+    for i in range(12):
+        kind = i % 4
+        if kind == 0:
+            params.append(SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2))
+        elif kind == 1:
+            params.append(SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=10, ignore_eos=True, n=2))
+        elif kind == 2:  # stops at a token its greedy run produces 5th
+            params.append(SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                         stop_token_ids=[greedy[i].token_ids[4]]))
+        else:
+            params.append(SamplingParams(temperature=0.0, max_tokens=3 + i, ignore_eos=True))
+    runs = {}
+    for async_steps in (False, True):
+        engine = _engine(model_dir, paths, dtype_name, True, async_steps=async_steps)
+        runs[async_steps] = (_staggered(engine, prompts, params, names), engine.runner.graph_steps)
+        engine.close()
+        del engine
+        torch.cuda.empty_cache()
+    (one, _), (ahead, graph_steps) = runs[False], runs[True]
+    same_tokens = same_finish = same_lp = 0
+    total = 0
+    for a, b in zip(one, ahead):
+        for ca, cb in zip(a.completions, b.completions):
+            total += 1
+            same_tokens += ca.token_ids == cb.token_ids
+            same_finish += (ca.finish_reason, ca.stop_reason) == (cb.finish_reason, cb.stop_reason)
+            if ca.logprobs is None:
+                same_lp += cb.logprobs is None
+            else:
+                same_lp += cb.logprobs is not None and len(ca.logprobs) == len(cb.logprobs) and all(
+                    abs(x[0] - y[0]) < 1e-4 and [t for t, _ in x[1]] == [t for t, _ in y[1]]
+                    for x, y in zip(ca.logprobs, cb.logprobs))
+    stopped = sum(c.finish_reason == "stop" for o in one for c in o.completions)
+    return {"dtype": dtype_name, "completions": total, "same_tokens": same_tokens, "same_finish": same_finish,
+            "same_logprobs": same_lp, "stopped_by_token": stopped, "graph_steps_async": graph_steps}
 
 
 def graphs_vs_eager(dtype_name: str, model_dir: Path, paths: dict[str, Path], n_new: int = 16) -> dict:
@@ -136,15 +199,8 @@ def graphs_vs_eager(dtype_name: str, model_dir: Path, paths: dict[str, Path], n_
     result = {}
     for graphs in (False, True):
         engine = _engine(model_dir, paths, dtype_name, graphs)
-        rids, done, step = [], {}, 0
-        while len(rids) < len(prompts) or engine.has_unfinished():
-            if len(rids) < len(prompts) and step % 2 == 0:
-                rids.append(engine.add_request(prompts[len(rids)], params, names[len(rids)]))
-            for o in engine.step():
-                if o.finished:
-                    done[o.request_id] = o.token_ids
-            step += 1
-        result[graphs] = ([done[r] for r in rids], engine.runner.graph_steps,
+        outs = _staggered(engine, prompts, [params] * len(prompts), names)
+        result[graphs] = ([o.token_ids for o in outs], engine.runner.graph_steps,
                           len(engine.runner.graphs.graphs) if engine.runner.graphs else 0)
         engine.close()
         del engine
@@ -181,6 +237,13 @@ def main() -> int:
         print(f"{dt} staggered, graphs vs eager: tokens {r['tokens_agree']}/{r['tokens_total']}, requests identical "
               f"{r['requests_identical']}/{r['requests']}, {r['graph_steps']} graph steps, "
               f"{r['graphs_captured']} graphs")
+    results["async_vs_one_at_a_time"] = []
+    for dt in ("float32", "bfloat16"):
+        r = async_vs_one_at_a_time(dt, model_dir, paths)
+        results["async_vs_one_at_a_time"].append(r)
+        print(f"{dt} async steps vs one at a time (graphs on): completions with the same tokens "
+              f"{r['same_tokens']}/{r['completions']}, finish {r['same_finish']}, logprobs {r['same_logprobs']}; "
+              f"{r['stopped_by_token']} stopped by a stop token; {r['graph_steps_async']} graph steps")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -84,7 +84,7 @@ class AsyncLLMEngine:
                     q.put_nowait(exc)
                     await asyncio.to_thread(self._locked, self.engine.abort, rid)
                 continue
-            if not outputs:
+            if not outputs and not self.engine.step_in_flight:
                 await asyncio.sleep(0.001)  # only adapters loading: let them finish
             for out in outputs:
                 q = self._queues.get(out.request_id)

@@ -196,6 +196,10 @@ class EngineConfig:
     cuda_graph_max_batch: int = 256  # larger decode batches run eagerly
     # steps that prefill replay graphs too (padded to a token bucket and cuda_graph_max_batch sequences)
     cuda_graph_prefill: bool = True
+    # queue step k+1 on the GPU before reading step k's tokens back (engine/llm_engine.py "async steps"): the
+    # host's scheduling, input building and bookkeeping then overlap the GPU's work instead of leaving it idle.
+    # None: on for CUDA, off for CPU (where nothing runs in the background to overlap with)
+    async_steps: bool | None = None
     # CPU float32 only: extra weight layouts for decode-sized steps (engine/layers/linear.py CpuDecodeLayouts):
     # ~1.5-3x faster decode matmuls for a oneDNN-packed second copy of the projections (+~60% weight memory)
     cpu_decode_layouts: bool = True
@@ -221,6 +225,8 @@ class EngineConfig:
                      "cuda_graph_max_batch"):
             if getattr(self, name) < 1:
                 raise EngineConfigError(f"EngineConfig.{name} must be >= 1")
+        if self.async_steps not in (None, True, False):
+            raise EngineConfigError("EngineConfig.async_steps must be true, false or null")
         if not self.adapter_admit_wait_ms >= 0:
             raise EngineConfigError("EngineConfig.adapter_admit_wait_ms must be >= 0")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

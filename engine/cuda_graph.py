@@ -32,7 +32,7 @@ import torch
 
 from engine.context import Context, reset_context, set_context
 from engine.lora_workspace import begin_step, end_step, lora_sizes
-from engine.step_inputs import StepInputs, int64_tensor, padded_tables
+from engine.step_inputs import StepInputs, copy_pending, int64_tensor, padded_tables, to_device
 from kernels import dispatch
 from kernels import lora as _lora
 
@@ -148,8 +148,9 @@ class StepGraphs:
 
     # --- one step ---
 
-    def _fill(self, out, tokens: int, seqs: int, block_size: int) -> StepInputs:
-        """Copy the step's inputs into the static buffers (padding included); returns the real rows' layout."""
+    def _fill(self, out, tokens: int, seqs: int, block_size: int, prev_ids: torch.Tensor | None = None) -> StepInputs:
+        """Copy the step's inputs into the static buffers (padding included); returns the real rows' layout.
+        Tokens still in flight come from `prev_ids` on the device (ModelRunner.launch)."""
         x = StepInputs.of(out, block_size)
         ids, pos, slots, lora_slots, lens, qsl = x.input_ids, x.positions, x.slot_mapping, x.token_slots, \
             x.seq_lens, x.qsl
@@ -162,9 +163,8 @@ class StepGraphs:
         tables = padded_tables(out.scheduled, width, 0)
         flat = (ids + [0] * pad_t + pos + [0] * pad_t + slots + [-1] * pad_t + lora_slots + [-1] * pad_t
                 + lens + pad_lens + all_qsl + tables + [0] * (pad_b * width))
-        buf = int64_tensor(flat)
-        if self.device.type != "cpu":
-            buf = buf.to(self.device)  # one host->device copy per step
+        n_fields = len(flat)
+        buf = to_device(int64_tensor(flat + x.pending_dst + x.pending_src), self.device)  # one copy per step
         f = buf[:4 * tokens].view(4, tokens)
         self.input_ids[:tokens].copy_(f[0])
         self.positions[:tokens].copy_(f[1])
@@ -174,7 +174,8 @@ class StepGraphs:
         self.seq_lens[:seqs].copy_(buf[o:o + seqs])
         self.query_start_loc[:seqs + 1].copy_(buf[o + seqs:o + 2 * seqs + 1])
         # columns past `width` keep older block ids (all >= 0): no sequence reads past its own length
-        self.block_tables[:seqs, :width].copy_(buf[o + 2 * seqs + 1:].view(seqs, width))
+        self.block_tables[:seqs, :width].copy_(buf[o + 2 * seqs + 1:n_fields].view(seqs, width))
+        copy_pending(self.input_ids, buf[n_fields:], prev_ids)
         return x
 
     def _fill_dummy(self, tokens: int, seqs: int) -> None:
@@ -249,12 +250,13 @@ class StepGraphs:
         keep = list(getattr(_lora, "_TABLE_CACHE", {}).values())
         return _Graph(graph, tokens, seqs, lora, influence, hidden, count, keep)
 
-    def run(self, out, shape: tuple[int, int], block_size: int, collect_influence: bool):
+    def run(self, out, shape: tuple[int, int], block_size: int, collect_influence: bool,
+            prev_ids: torch.Tensor | None = None):
         """Run the step's forward. Returns the hidden states of the real tokens [T_real, hidden], the step's
         layout, and the per-token influence sums [T_real] with the number of LoRA'd projections behind them
         (None, 0 when not collected), as the eager path has them in its context. `shape` is shape_of(out)."""
         tokens, seqs = shape
-        x = self._fill(out, tokens, seqs, block_size)
+        x = self._fill(out, tokens, seqs, block_size, prev_ids)
         lora = self.lora_pool is not None and x.uses_lora
         influence = lora and collect_influence
         key = (tokens, seqs, lora, influence)

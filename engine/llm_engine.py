@@ -1,12 +1,21 @@
 """The loop: requests in, token deltas out.
 
     add_request ──▶ Sequence(s) ──▶ Scheduler ──▶ BlockManager / AdapterCache
-    step():   schedule ─▶ ModelRunner.run (model + sampler) ─▶ book tokens ─▶ stop checks ─▶ RequestOutput
+    step():   schedule ─▶ ModelRunner.launch ─▶ book computed tokens ─▶ collect: tokens, stop checks ─▶ RequestOutput
     abort():  frees the request's blocks and adapter slot at once
 
 `step` returns one RequestOutput per request that produced something (new text, or finished); each
 carries the deltas since the last step and the full text so far, so both streaming and offline callers
 read the same object.
+
+Async steps (EngineConfig.async_steps, on for CUDA): step k is launched before step k-1's tokens are read
+back, so the GPU goes from one step to the next while the host schedules, builds inputs and does the
+bookkeeping (at batch 256 that host work is a few ms a step, all of which the GPU used to wait through).
+A token not read back yet is PENDING in its sequence (engine/sequence.py); the step that consumes it copies
+it from the sampler's output on the device. What this changes: a request's tokens reach `step`'s outputs one
+call later, and a sequence that stops (EOS, stop string) has one more step computed for it that is dropped.
+Tokens, logprobs and influence are the same as with the steps run one at a time. Steps that need every
+earlier token on the host (presence/frequency penalties) run one at a time.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from engine.errors import CapacityError, EngineConfigError, RequestError
 from engine.influence import influence_of
 from engine.layers.sampler import Sampler
 from engine.loader import load_model
-from engine.model_runner import ModelRunner
+from engine.model_runner import LaunchedStep, ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -104,13 +113,17 @@ class LLMEngine:
         self.eos_token_ids = eos
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, adapters,
-                                   adapter_wait_s=config.adapter_admit_wait_ms / 1000.0)
+                                   adapter_wait_s=config.adapter_admit_wait_ms / 1000.0,
+                                   max_model_len=self.max_model_len)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, Sampler(eos),
                                   lora_pool=adapters.pool, collect_influence=config.collect_influence)
         if config.cuda_graphs and self.runner.device.type == "cuda":
             prefill_tokens = config.max_num_batched_tokens if config.cuda_graph_prefill else 0
             self.runner.enable_cuda_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs),
                                              self.max_model_len, capture=True, max_tokens=prefill_tokens)
+        self.async_steps = (config.async_steps if config.async_steps is not None
+                            else self.runner.device.type == "cuda")
+        self._in_flight: LaunchedStep | None = None  # the launched step whose tokens are not read back yet
         self.requests: dict[str, _Request] = {}
         self._next_id = 0
         self.last_logits: torch.Tensor | None = None
@@ -180,27 +193,77 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
+
+    @property
+    def step_in_flight(self) -> bool:
+        """A launched step's tokens are still to be read back (the next `step` returns them)."""
+        return self._in_flight is not None
 
     # --- the loop ---
 
     def step(self, stream: bool = True) -> list[RequestOutput]:
         """One engine step. Returns the outputs of the requests it moved on (with their new deltas); with
         `stream=False` only those of requests it finished (offline callers: an output object per running
-        request per step is ~10 us of Python each, 2-3 ms a step at batch 256)."""
-        out = self.scheduler.schedule()
+        request per step is ~10 us of Python each, 2-3 ms a step at batch 256). With async steps the tokens
+        returned are those of the step launched by the previous call."""
         touched: dict[str, _Request] = {}
+        prev = self._in_flight
+        if prev is not None and self._needs_history():
+            # penalties count every earlier token on the host: read the step in flight back first
+            self._in_flight = None
+            self._collect(prev, touched)
+            prev = None
+        out = self.scheduler.schedule()
         for seq, message in out.failed:
             seq.stop_reason = message
             if seq.request_id in self.requests:
                 touched[seq.request_id] = self.requests[seq.request_id]
         if out.is_empty:
+            if prev is not None:
+                self._in_flight = None
+                self._collect(prev, touched)
             return self._emit(touched, stream)
-        result = self.runner.run(out)
-        self.scheduler.postprocess(out)
+        launched = self.runner.launch(out, None if prev is None else prev.sampled_ids)
+        if prev is not None:
+            # the GPU runs the step just launched meanwhile; stopping sequences are finished here, and what
+            # that step computes for them is dropped
+            self._collect(prev, touched)
+        if not self.async_steps:
+            self._book(launched)
+            self._collect(launched, touched)
+            self._in_flight = None
+            return self._emit(touched, stream)
+        outputs = self._emit(touched, stream)  # before _book: no PENDING token of the new step in them
+        self._book(launched)
+        self._in_flight = launched
+        return outputs
+
+    def _needs_history(self) -> bool:
+        return any(s.params.presence_penalty or s.params.frequency_penalty for s in self.scheduler.running)
+
+    def _book(self, launched: LaunchedStep) -> None:
+        """The launched step's tokens are computed (for the scheduler); each sampling row's token is PENDING
+        in its sequence until collected."""
+        self.scheduler.postprocess(launched.out)
         row = 0
-        for entry, infl in zip(out.scheduled, result.influence):
+        for entry in launched.out.scheduled:
+            if entry.sample:
+                if not entry.seq.is_finished:
+                    entry.seq.append_pending(row)
+                row += 1
+
+    def _collect(self, launched: LaunchedStep, touched: dict[str, _Request]) -> None:
+        """Read a booked step back: influence, tokens, logprobs, stop checks. Sequences finished since it was
+        launched (stopped by the step before it, or aborted) take nothing from it."""
+        result = self.runner.collect(launched)
+        row = 0
+        for entry, infl in zip(launched.out.scheduled, result.influence):
             seq = entry.seq
+            if entry.sample:
+                row += 1
+            if seq.is_finished:
+                continue
             if seq.adapter is not None:
                 # count each position once: tokens recomputed after a preemption were already counted
                 fresh = min(entry.num_new_tokens, max(0, seq.num_computed_tokens - seq.influence_tokens))
@@ -208,10 +271,9 @@ class LLMEngine:
                 seq.influence_tokens += fresh
             if not entry.sample:
                 continue
-            token = result.sampled.token_ids[row]
-            lp = result.sampled.logprobs[row]
-            row += 1
-            seq.append_token(token)
+            token = result.sampled.token_ids[row - 1]
+            lp = result.sampled.logprobs[row - 1]
+            seq.resolve_pending(token)
             if lp is not None:
                 seq.logprobs.append(lp)
             self._check_stop(seq, token)
@@ -220,8 +282,7 @@ class LLMEngine:
                 touched[req.request_id] = req
         # what the runner computed for the sampled rows, in order (read by parity tests)
         self.last_logits = result.logits
-        self.last_rows = [e.seq.request_id for e in out.scheduled if e.sample]
-        return self._emit(touched, stream)
+        self.last_rows = [e.seq.request_id for e in launched.out.scheduled if e.sample]
 
     def _emit(self, touched: dict[str, _Request], stream: bool = True) -> list[RequestOutput]:
         if not stream:

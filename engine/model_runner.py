@@ -4,6 +4,12 @@ Per step the runner builds, once, everything the layers need (docs/engine-kernel
 positions of every scheduled token in batch order, the KV slot of each, block tables, context
 lengths, query start offsets and each token's adapter slot (turned into a LoRABatchMeta). These reach
 the layers through engine.context; logits are computed only for the rows that sample.
+
+A step is `launch`ed (inputs copied, forward, logits and the sampler's choice queued on the GPU, their host
+copies queued behind them) and later `collect`ed (wait for its event, read the lists). Nothing in `launch`
+waits for the GPU, so the engine can queue step k+1 while step k runs and read step k's tokens afterwards
+(EngineConfig.async_steps): tokens of step k that step k+1 consumes go from the sampler's output to the
+input ids on the device (StepInputs.pending_*). `run` is launch + collect.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from engine.layers.sampler import SampleResult, Sampler
 from engine.lora_workspace import begin_step, end_step, lora_sizes
 from engine.models.llama import LlamaForCausalLM
 from engine.scheduler import SchedulerOutput
-from engine.step_inputs import StepInputs, int64_tensor, padded_tables
+from engine.layers.sampler import SampleLaunch
+from engine.step_inputs import StepInputs, copy_pending, int64_tensor, padded_tables, to_device, to_host
 from kernels import dispatch
 
 
@@ -28,6 +35,23 @@ class StepResult:
     logits: torch.Tensor | None  # [rows, vocab] float32 when keep_logits, else None
     # per scheduled entry: sum over its tokens of the mean LoRA delta ratio (0 when no adapter)
     influence: list[float]
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device: what `collect` reads once it has finished."""
+
+    out: SchedulerOutput
+    x: StepInputs
+    sample: SampleLaunch | None  # None when no row samples (a prefill chunk only)
+    influence: torch.Tensor | None  # [T] float32 per-token influence, host copy on its way; None if not collected
+    logits: torch.Tensor | None  # [rows, vocab] float32 when keep_logits
+    done: torch.cuda.Event | None  # recorded after the host copies (CUDA); None on CPU
+
+    @property
+    def sampled_ids(self) -> torch.Tensor | None:
+        """The sampled ids on the device, for the next step's PENDING tokens."""
+        return None if self.sample is None else self.sample.chosen
 
 
 class ModelRunner:
@@ -69,7 +93,7 @@ class ModelRunner:
         if capture and not emulate:
             self.graphs.capture_all(self.collect_influence)
 
-    def _prepare(self, out: SchedulerOutput):
+    def _prepare(self, out: SchedulerOutput, prev_ids: torch.Tensor | None):
         x = StepInputs.of(out, self.block_size)
         width = max(len(s.seq.block_table) for s in out.scheduled)
         tables = padded_tables(out.scheduled, width, -1)
@@ -78,11 +102,11 @@ class ModelRunner:
         # copy plus a stream sync): int64 fields first, then the int32 ones, cast on the device at once.
         T, B = len(x.input_ids), len(out.scheduled)
         flat = x.input_ids + x.positions + x.slot_mapping + tables + x.seq_lens + x.qsl + x.token_slots
-        buf = int64_tensor(flat)
-        if buf.device != torch.device(dev):
-            buf = buf.to(dev)
+        n_fields = len(flat)
+        buf = to_device(int64_tensor(flat + x.pending_dst + x.pending_src), dev)
         ids_t, pos_t, slots_t = buf[:T], buf[T:2 * T], buf[2 * T:3 * T]
-        i32 = buf[3 * T:].to(torch.int32)
+        copy_pending(ids_t, buf[n_fields:], prev_ids)
+        i32 = buf[3 * T:n_fields].to(torch.int32)
         tables_t, seq_lens_t, qsl_t, token_slots_t = i32.split([B * width, B, B + 1, T])
         ctx = Context(slot_mapping=slots_t, block_tables=tables_t.view(B, width), seq_lens=seq_lens_t,
                       query_start_loc=qsl_t)
@@ -97,13 +121,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> StepResult:
+        return self.collect(self.launch(out))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, prev_ids: torch.Tensor | None = None) -> LaunchedStep:
+        """Queue the step on the device. `prev_ids`: the previous step's sampled ids on the device (LaunchedStep.
+        sampled_ids), where this step's PENDING tokens are read from."""
         shape = self.graphs.shape_of(out) if self.graphs is not None else None
         if shape is not None:
             self.graph_steps += 1
-            hidden, x, infl_sum, infl_count = self.graphs.run(out, shape, self.block_size, self.collect_influence)
+            hidden, x, infl_sum, infl_count = self.graphs.run(out, shape, self.block_size, self.collect_influence,
+                                                              prev_ids)
         else:
             self.eager_steps += 1
-            input_ids, positions, ctx, x = self._prepare(out)
+            input_ids, positions, ctx, x = self._prepare(out, prev_ids)
             set_context(ctx)
             try:
                 hidden = self.model(input_ids, positions)
@@ -112,19 +143,30 @@ class ModelRunner:
                 reset_context()
             infl_sum, infl_count = ctx.influence_sum, ctx.influence_count
         rows = x.logits_rows
-        sampled = logits = None
+        sample = logits = None
         if rows:
-            # decode steps sample every row: no gather
-            logits = self.model.compute_logits(hidden if len(rows) == hidden.shape[0] else hidden[rows])
-            sampling = [s.seq for s in out.scheduled if s.sample]
-            sampled = self.sampler(logits, sampling)  # syncs: the sampled ids come back to the host
-        # read the influence sums only now, when the GPU has finished the step anyway
-        influence = [0.0] * len(out.scheduled)
-        if infl_sum is not None and infl_count:
-            influence = per_sequence_sums((infl_sum / infl_count).cpu(), x.qsl)
-        if not rows:
+            # decode steps sample every row: no gather (and a gather's index goes up without waiting for the GPU)
+            picked = hidden if len(rows) == hidden.shape[0] else hidden[to_device(torch.tensor(rows), self.device)]
+            logits = self.model.compute_logits(picked)
+            sample = self.sampler.launch(logits, [s.seq for s in out.scheduled if s.sample])
+        influence = to_host(infl_sum / infl_count) if infl_sum is not None and infl_count else None
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        kept = logits.float() if self.keep_logits and logits is not None else None
+        return LaunchedStep(out, x, sample, influence, kept, done)
+
+    def collect(self, step: LaunchedStep) -> StepResult:
+        """The launched step's tokens, logprobs and influence on the host (waits for it to finish)."""
+        if step.done is not None:
+            step.done.synchronize()
+        influence = [0.0] * len(step.out.scheduled)
+        if step.influence is not None:
+            influence = per_sequence_sums(step.influence, step.x.qsl)
+        if step.sample is None:
             return StepResult(None, None, influence)
-        return StepResult(sampled, logits.float() if self.keep_logits else None, influence)
+        return StepResult(self.sampler.finish(step.sample), step.logits, influence)
 
 
 def per_sequence_sums(per_token: torch.Tensor, qsl: list[int]) -> list[float]:

@@ -62,8 +62,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 adapters: AdapterSlots | None = None, adapter_wait_s: float = 0.0):
+                 adapters: AdapterSlots | None = None, adapter_wait_s: float = 0.0,
+                 max_model_len: int | None = None):
         self.bm = block_manager
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.adapters = adapters
@@ -90,6 +92,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.has_pending and self._last_token_in_flight(seq):
+                i += 1  # ends with the token in flight (EngineConfig.async_steps): nothing to compute after it
+                continue
             n = min(len(seq) - seq.num_computed_tokens, budget)
             while not self.bm.can_append(seq, n):
                 victim = self.running[-1]
@@ -145,12 +150,24 @@ class Scheduler:
                 return True
         return any(other.request_id == seq.request_id and other.index < seq.index for other in self.waiting)
 
+    def _last_token_in_flight(self, seq: Sequence) -> bool:
+        """Whether the sequence's PENDING token is its last by length (max_tokens or the model length): the
+        engine finishes it when that token is read back, so computing the next one would be waste (and could
+        need a block past the sequence's longest)."""
+        if seq.num_output_tokens >= seq.params.max_tokens:
+            return True
+        return self.max_model_len is not None and len(seq) >= self.max_model_len
+
     def _entry(self, seq: Sequence, n: int) -> ScheduledSequence:
         return ScheduledSequence(seq, n, sample=seq.num_computed_tokens + n == len(seq))
 
     def postprocess(self, out: SchedulerOutput) -> None:
-        """Book the step's computed tokens (before new tokens are appended) and register full blocks."""
+        """Book the step's computed tokens (before new tokens are appended) and register full blocks. A sequence
+        finished meanwhile (stopped by the previous step's token, read back while this step ran; or aborted) is
+        left alone: its blocks are freed and what this step computed for it is dropped."""
         for s in out.scheduled:
+            if s.seq.is_finished:
+                continue
             s.seq.num_computed_tokens += s.num_new_tokens
             self.bm.commit(s.seq)
 

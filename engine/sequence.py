@@ -26,6 +26,10 @@ class SequenceStatus(Enum):
 
 _ids = itertools.count()
 
+# token id held in Sequence.token_ids for a token sampled by a step whose results are not read back yet
+# (EngineConfig.async_steps): the next step reads the real id on the device, the engine writes it here later
+PENDING = -1
+
 
 @dataclass(eq=False)
 class Sequence:
@@ -59,6 +63,8 @@ class Sequence:
     # influence: sum over computed tokens of the mean |LoRA delta| / |base| across projections
     influence_sum: float = 0.0
     influence_tokens: int = 0
+    # with a PENDING last token: its row among the sampled rows of the step that produces it
+    pending_row: int = -1
 
     def __post_init__(self):
         self.num_prompt_tokens = self.num_prompt_tokens or len(self.token_ids)
@@ -68,11 +74,17 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """Sampled tokens known on the host (a PENDING last one excluded)."""
+        return self.token_ids[self.num_prompt_tokens:len(self.token_ids) - self.has_pending]
 
     @property
     def num_output_tokens(self) -> int:
+        """Sampled tokens, a PENDING one included (min_tokens and max_tokens count it: it exists on the device)."""
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def has_pending(self) -> bool:
+        return self.pending_row >= 0
 
     @property
     def is_finished(self) -> bool:
@@ -81,3 +93,15 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
         self.output_counts[token_id] += 1
+
+    def append_pending(self, row: int) -> None:
+        """A token sampled in row `row` of a step still running: its id is read back later (resolve_pending)."""
+        assert not self.has_pending, "a sequence has at most one token in flight"
+        self.token_ids.append(PENDING)
+        self.pending_row = row
+
+    def resolve_pending(self, token_id: int) -> None:
+        assert self.has_pending and self.token_ids[-1] == PENDING, "no token in flight"
+        self.token_ids[-1] = token_id
+        self.output_counts[token_id] += 1
+        self.pending_row = -1

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.sequence import PENDING
+
 
 @dataclass
 class StepInputs:
@@ -19,6 +21,10 @@ class StepInputs:
     seq_lens: list[int] = field(default_factory=list)  # per sequence: context length including this step
     qsl: list[int] = field(default_factory=lambda: [0])  # query start offsets, B + 1
     logits_rows: list[int] = field(default_factory=list)  # token rows whose next token is sampled
+    # tokens still on the device (PENDING, EngineConfig.async_steps): their row here and their row among
+    # the previous step's sampled ids, which the runner copies in on the device
+    pending_dst: list[int] = field(default_factory=list)
+    pending_src: list[int] = field(default_factory=list)
 
     @classmethod
     def of(cls, out, block_size: int) -> StepInputs:
@@ -33,12 +39,19 @@ class StepInputs:
             if n == 1:
                 # a decode row (most rows of most steps): no slices, ranges or generators; this loop runs
                 # before every step while the GPU waits for its inputs
-                ids.append(seq.token_ids[start])
+                tok = seq.token_ids[start]
+                if tok == PENDING:
+                    x.pending_dst.append(q)
+                    x.pending_src.append(seq.pending_row)
+                ids.append(tok)
                 pos.append(start)
                 slots.append(table[start // block_size] * block_size + start % block_size)
                 lora.append(seq.lora_slot)
             else:
                 ids.extend(seq.token_ids[start:start + n])
+                if seq.has_pending and start + n == len(seq.token_ids):  # only the last token can be in flight
+                    x.pending_dst.append(q + n - 1)
+                    x.pending_src.append(seq.pending_row)
                 span = range(start, start + n)
                 pos.extend(span)
                 slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
@@ -65,6 +78,34 @@ def padded_tables(scheduled, width: int, fill: int) -> list[int]:
         if len(table) < width:
             out += pad[:width - len(table)]
     return out
+
+
+def copy_pending(input_ids: torch.Tensor, pending: torch.Tensor, prev_ids: torch.Tensor | None) -> None:
+    """input_ids[dst] = prev_ids[src] on the device, `pending` holding dst then src (StepInputs.pending_*)."""
+    n = pending.shape[0] // 2
+    if not n:
+        return
+    if prev_ids is None:
+        raise RuntimeError("a step reads tokens still in flight but was given no previous step's ids")
+    input_ids.index_copy_(0, pending[:n], prev_ids.index_select(0, pending[n:]))
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on `device` without making the host wait for the GPU: a plain .to(cuda) from pageable
+    memory synchronises the stream, i.e. waits for the step already running (EngineConfig.async_steps)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of `t`, queued behind the work that makes it (CUDA: pinned memory, no wait; read it once the
+    step's event has completed). On CPU a clone: the source may be a static buffer the next step overwrites."""
+    if not t.is_cuda:
+        return t.clone()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
 
 
 def int64_tensor(values: list[int]) -> torch.Tensor:

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
         default=5.0, ge=0, le=1000,
         description="CUDA: per step, how long admission may wait for an adapter load to be queued so its request "
                     "joins that step (lower TTFT, the step waits ~2 ms per new 8B adapter); 0 = never wait")
+    engine_async_steps: Literal["auto", "on", "off"] = Field(
+        default="auto", description="queue each step on the GPU before reading the previous one's tokens back, so "
+                                    "host work overlaps the GPU's (auto: on for CUDA, off for CPU)")
     log_level: str = Field(default="info", description="debug | info | warning | error")
     log_json: bool = Field(default=True, description="one JSON object per log line")
 

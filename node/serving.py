@@ -163,7 +163,8 @@ class EngineBridge:
                            else settings.engine_quantization,
                            quant_group_size=settings.engine_quant_group_size,
                            cpu_native_kernels=settings.engine_cpu_native_kernels,
-                           adapter_admit_wait_ms=settings.engine_adapter_admit_wait_ms)
+                           adapter_admit_wait_ms=settings.engine_adapter_admit_wait_ms,
+                           async_steps={"auto": None, "on": True, "off": False}[settings.engine_async_steps])
         engine = LLMEngine(model_dir, cfg)
         store = None
         if adapter_dir is not None and adapter_dir.is_dir():

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.sequence import Sequence
+from engine.step_inputs import to_device, to_host
 
 
 @dataclass
@@ -22,43 +23,78 @@ class SampleResult:
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
 
 
+@dataclass
+class SampleLaunch:
+    """A batch's choice queued on the device: the chosen ids there (the next step reads them in place, with
+    EngineConfig.async_steps) and host copies on their way, read by Sampler.finish once the step is done."""
+
+    chosen: torch.Tensor  # [rows] int64 on the logits' device
+    chosen_host: torch.Tensor  # [rows] int64, CPU
+    # with logprobs: (rows that want them, top-k of each, chosen logprob, top values, top ids), CPU
+    logprobs: tuple | None = None
+
+
 class Sampler:
     def __init__(self, eos_token_ids: frozenset[int] = frozenset()):
         self.eos_token_ids = sorted(eos_token_ids)
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        """Sample and read the result back (waits for the GPU)."""
+        launch = self.launch(logits, seqs)
+        if launch.chosen.is_cuda:
+            torch.cuda.current_stream(launch.chosen.device).synchronize()
+        return self.finish(launch)
+
+    @torch.no_grad()
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleLaunch:
+        """Queue the choice of each row's next token; nothing here waits for the GPU."""
         rows = len(seqs)
         params = [s.params for s in seqs]
         if all(p.greedy and p.logprobs is None and not self._penalised(s) for p, s in zip(params, seqs)):
             # the common batch: argmax in the model's dtype (float32 holds every bf16/fp16 value exactly, so the
             # choice is the same) without a float32 copy of [rows, vocab] logits (0.13 GB at batch 256, 128k vocab)
-            return SampleResult(logits.argmax(dim=-1).cpu().tolist(), [None] * rows)
+            chosen = logits.argmax(dim=-1)
+            return SampleLaunch(chosen, to_host(chosen))
+        dev = logits.device
         logits = logits.float()
         raw = logits
         logits = self._penalties(logits, seqs)
 
-        chosen = torch.empty(rows, dtype=torch.long)
         greedy = [i for i, p in enumerate(params) if p.greedy]
-        if len(greedy) == rows:  # all greedy (the common batch): no row gather, no scatter
-            chosen = logits.argmax(dim=-1).cpu()
-        elif greedy:
-            chosen[greedy] = logits[greedy].argmax(dim=-1).cpu()
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if random_rows:
-            chosen[random_rows] = self._sample(logits[random_rows], [seqs[i] for i in random_rows])
+        if not random_rows:  # all greedy: no row gather, no scatter
+            chosen = logits.argmax(dim=-1)
+        else:
+            chosen = torch.empty(rows, dtype=torch.long, device=dev)
+            if greedy:
+                idx = _rows(greedy, dev)
+                chosen[idx] = logits[idx].argmax(dim=-1)
+            idx = _rows(random_rows, dev)
+            chosen[idx] = self._sample(logits[idx], [seqs[i] for i in random_rows])
 
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
-        lp_out: list = [None] * rows
+        lp = None
         if want:
-            lps = torch.log_softmax(raw[want], dim=-1)
-            k_max = max(params[i].logprobs for i in want)
-            top_v, top_i = lps.topk(max(k_max, 1), dim=-1) if k_max else (None, None)
-            for j, i in enumerate(want):
-                k = params[i].logprobs
+            idx = _rows(want, dev)
+            lps = torch.log_softmax(raw[idx], dim=-1)
+            chosen_lp = lps.gather(1, chosen[idx][:, None])[:, 0]
+            ks = [params[i].logprobs for i in want]
+            top_v, top_i = lps.topk(max(max(ks), 1), dim=-1)
+            lp = (want, ks, to_host(chosen_lp), to_host(top_v), to_host(top_i))
+        return SampleLaunch(chosen, to_host(chosen), lp)
+
+    @staticmethod
+    def finish(launch: SampleLaunch) -> SampleResult:
+        """The host lists of a launched choice; the caller has waited for the step (its copies are done)."""
+        ids = launch.chosen_host.tolist()
+        lp_out: list = [None] * len(ids)
+        if launch.logprobs is not None:
+            want, ks, chosen_lp, top_v, top_i = launch.logprobs
+            for j, (i, k) in enumerate(zip(want, ks)):
                 alts = list(zip(top_i[j, :k].tolist(), top_v[j, :k].tolist())) if k else []
-                lp_out[i] = (float(lps[j, chosen[i]]), alts)
-        return SampleResult(chosen.tolist(), lp_out)
+                lp_out[i] = (float(chosen_lp[j]), alts)
+        return SampleResult(ids, lp_out)
 
     @staticmethod
     def _penalised(s: Sequence) -> bool:
@@ -86,7 +122,7 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype, device=logits.device)
+        temps = to_device(torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype), logits.device)
         logits = logits / temps[:, None]
         top_ks = [s.params.top_k for s in seqs]
         top_ps = [s.params.top_p for s in seqs]
@@ -101,18 +137,23 @@ class Sampler:
                 noise[j].exponential_(generator=s.generator)
             else:
                 noise[j].exponential_()
-        return (probs / noise).argmax(dim=-1).cpu()
+        return (probs / noise).argmax(dim=-1)
 
 
 def _truncate(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
     ranks = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.tensor([k if k > 0 else vocab for k in top_ks], device=logits.device)[:, None]
+    k = to_device(torch.tensor([k if k > 0 else vocab for k in top_ks]), logits.device)[:, None]
     drop = ranks >= k
-    p = torch.tensor(top_ps, dtype=logits.dtype, device=logits.device)[:, None]
+    p = to_device(torch.tensor(top_ps, dtype=logits.dtype), logits.device)[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # keep the smallest prefix whose mass reaches top_p (the token that crosses it is kept)
     drop |= (probs.cumsum(dim=-1) - probs) >= p
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def _rows(rows: list[int], device) -> torch.Tensor:
+    """Row indices on the logits' device (indexing with a list would copy it there and wait for the GPU)."""
+    return to_device(torch.tensor(rows, dtype=torch.long), device)

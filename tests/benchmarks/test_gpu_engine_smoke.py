@@ -34,8 +34,9 @@ def smoke_report(gpu_engine, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops on a shared 2-core box: a second thread only adds hand-off stalls
     try:
+        # async steps on, as on a GPU (the CPU default is off): its timing and online bookkeeping run here too
         assert gpu_engine.main(["--smoke", "--cuda-graphs", "both", "--online", "0.5,1.0", "--mixed-ranks",
-                                "--out", str(out)]) == 0
+                                "--async-steps", "on", "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
     return json.loads((out / "gpu_engine.json").read_text())
@@ -49,6 +50,7 @@ def _check_pcts(p):
 def test_smoke_runs_without_failures(smoke_report):
     assert smoke_report["notes"] == []
     assert smoke_report["shape"] == "smoke"
+    assert smoke_report["args"]["async_steps"] == "on"
 
 
 def test_offline_rows_for_both_graph_modes(smoke_report):

@@ -16,8 +16,20 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog and keeps running", "Hel
            "A long time ago in a galaxy far, far away there lived"]
 
 
+_ASYNC = {"on": False}
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["one_step_at_a_time", "async_steps"])
+def async_steps(request):
+    """Every test here runs twice: steps one at a time (the CPU default) and launched ahead (the CUDA default,
+    EngineConfig.async_steps; tests/engine/test_async_steps.py compares the two directly)."""
+    _ASYNC["on"] = request.param
+    yield request.param
+    _ASYNC["on"] = False
+
+
 def _engine(model_dir, **kw) -> LLMEngine:
-    cfg = dict(num_kv_blocks=64, block_size=4, num_lora_slots=3, max_lora_rank=16)
+    cfg = dict(num_kv_blocks=64, block_size=4, num_lora_slots=3, max_lora_rank=16, async_steps=_ASYNC["on"])
     cfg.update(kw)
     return LLMEngine(model_dir, EngineConfig(**cfg))
 
@@ -110,7 +122,7 @@ def test_n_completions_and_logprobs(tiny_llama_dir):
     logits = None
     while eng.has_unfinished():
         outs = eng.step()
-        if logits is None:
+        if logits is None and eng.last_logits is not None:  # the first step read back (a step late when async)
             logits = eng.last_logits[0]
     out = outs[-1]
     assert out.finished and len(out.completions) == 3 and out.completion_tokens == 15
