@@ -24,6 +24,7 @@ def test_async_steps_reach_the_engine_and_bad_values_are_refused(node_engine_con
     from node.config import load_settings
     from node.errors import ConfigError
 
+    monkeypatch.delenv("OPENLORA_ENGINE_ASYNC_STEPS", raising=False)
     assert load_settings(device="cpu").engine_async_steps == "auto"
     assert node_engine_config(load_settings(device="cpu")).async_steps is None  # the engine picks: CUDA on
     for value, want in (("on", True), ("off", False)):
