@@ -208,10 +208,9 @@ class LLMEngine:
         request per step is ~10 us of Python each, 2-3 ms a step at batch 256). With async steps the tokens
         returned are those of the step launched by the previous call."""
         touched: dict[str, _Request] = {}
-        prev = self._in_flight
+        prev, self._in_flight = self._in_flight, None  # collected below, whatever happens
         if prev is not None and self._needs_history():
             # penalties count every earlier token on the host: read the step in flight back first
-            self._in_flight = None
             self._collect(prev, touched)
             prev = None
         out = self.scheduler.schedule()
@@ -221,10 +220,14 @@ class LLMEngine:
                 touched[seq.request_id] = self.requests[seq.request_id]
         if out.is_empty:
             if prev is not None:
-                self._in_flight = None
                 self._collect(prev, touched)
             return self._emit(touched, stream)
-        launched = self.runner.launch(out, None if prev is None else prev.sampled_ids)
+        try:
+            launched = self.runner.launch(out, None if prev is None else prev.sampled_ids)
+        except BaseException:
+            if prev is not None:  # its tokens exist: no sequence may be left with one PENDING
+                self._collect(prev, touched)
+            raise
         if prev is not None:
             # the GPU runs the step just launched meanwhile; stopping sequences are finished here, and what
             # that step computes for them is dropped
@@ -232,7 +235,6 @@ class LLMEngine:
         if not self.async_steps:
             self._book(launched)
             self._collect(launched, touched)
-            self._in_flight = None
             return self._emit(touched, stream)
         outputs = self._emit(touched, stream)  # before _book: no PENDING token of the new step in them
         self._book(launched)

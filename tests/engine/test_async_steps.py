@@ -215,3 +215,31 @@ def test_async_steps_is_checked(tiny_llama_dir):
     with pytest.raises(EngineConfigError, match="async_steps"):
         _engine(tiny_llama_dir, async_steps="yes")
     assert _engine(tiny_llama_dir, async_steps=None).async_steps is False  # CPU default: one at a time
+
+
+def test_a_failed_launch_leaves_no_token_in_flight(tiny_llama_dir):
+    """If launching step k raises, step k-1 is still read back: no sequence keeps a PENDING token, and the
+    engine goes on (the failed step's tokens are scheduled again)."""
+    eng = _engine(tiny_llama_dir)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    rid = eng.add_request(PROMPTS[0], params)
+    eng.step()
+    eng.step()
+    launch = eng.runner.launch
+
+    def failing(out, prev_ids=None):
+        raise RuntimeError("device lost")
+
+    eng.runner.launch = failing
+    with pytest.raises(RuntimeError, match="device lost"):
+        eng.step()
+    seq = eng.requests[rid].seqs[0]
+    assert not seq.has_pending and PENDING not in seq.token_ids and len(seq.output_ids) == 2
+    assert not eng.step_in_flight
+    eng.runner.launch = launch
+    final = None
+    while eng.has_unfinished():
+        for o in eng.step():
+            final = o
+    ref = _engine(tiny_llama_dir, async_steps=False).generate([PROMPTS[0]], params)[0]
+    assert final.token_ids == ref.token_ids
