@@ -24,6 +24,9 @@ from the allocator, then decode step and a short offline run served by the engin
 (EngineConfig.quantization = "q4": LoRALinear's base matmul goes through kernels.quant.quant_matmul).
 
 `--cuda-graphs on|off|both` sets EngineConfig.cuda_graphs; `both` runs everything twice, graphs off then on.
+`--async-steps auto|on|off` sets EngineConfig.async_steps (auto: on for CUDA). With async steps a decode step's
+time is the period from its launch to the next launch (no sync may sit between steps); one step at a time it is
+the synchronised run of the step, from inputs to sampled ids, without the scheduling and bookkeeping around it.
 `--smoke` runs every path on CPU with a tiny float32 model in seconds (tests/benchmarks).
 
     python3 benchmarks/gpu_engine.py --out DIR        # CUDA; writes DIR/gpu_engine.json after each part
