@@ -50,7 +50,9 @@ def test_async_node_answers_as_the_one_step_at_a_time_node(async_node, dev_node)
         assert (tg, fg) == (tw, fw)
         assert ug["completion_tokens"] == uw["completion_tokens"] and ug["prompt_tokens"] == uw["prompt_tokens"]
         assert [t for t, _ in lg] == [t for t, _ in lw]
-        assert [p for _, p in lg] == pytest.approx([p for _, p in lw], abs=1e-5)
+        # the two nodes batch the concurrent asks differently, so a step may take the native or the torch CPU
+        # path on one node and not the other: their float32 sums agree to ~1e-5 (tests/engine/test_native_decoder)
+        assert [p for _, p in lg] == pytest.approx([p for _, p in lw], abs=1e-4)
 
 
 def test_async_node_streams_the_same_text_and_usage(async_node):
