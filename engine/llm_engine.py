@@ -209,7 +209,7 @@ class LLMEngine:
         returned are those of the step launched by the previous call."""
         touched: dict[str, _Request] = {}
         prev, self._in_flight = self._in_flight, None  # collected below, whatever happens
-        if prev is not None and self._needs_history():
+        if prev is not None and prev.needs_history:
             # penalties count every earlier token on the host: read the step in flight back first
             self._collect(prev, touched)
             prev = None
@@ -241,18 +241,19 @@ class LLMEngine:
         self._in_flight = launched
         return outputs
 
-    def _needs_history(self) -> bool:
-        return any(s.params.presence_penalty or s.params.frequency_penalty for s in self.scheduler.running)
-
     def _book(self, launched: LaunchedStep) -> None:
         """The launched step's tokens are computed (for the scheduler); each sampling row's token is PENDING
-        in its sequence until collected."""
+        in its sequence until collected. Only a sequence with a PENDING token lacks history on the host, so
+        the step needs collecting before the next is sampled when one of them has penalties."""
         self.scheduler.postprocess(launched.out)
         row = 0
         for entry in launched.out.scheduled:
             if entry.sample:
-                if not entry.seq.is_finished:
-                    entry.seq.append_pending(row)
+                seq = entry.seq
+                if not seq.is_finished:
+                    seq.append_pending(row)
+                    p = seq.params
+                    launched.needs_history |= bool(p.presence_penalty or p.frequency_penalty)
                 row += 1
 
     def _collect(self, launched: LaunchedStep, touched: dict[str, _Request]) -> None:

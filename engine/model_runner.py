@@ -47,6 +47,8 @@ class LaunchedStep:
     influence: torch.Tensor | None  # [T] float32 per-token influence, host copy on its way; None if not collected
     logits: torch.Tensor | None  # [rows, vocab] float32 when keep_logits
     done: torch.cuda.Event | None  # recorded after the host copies (CUDA); None on CPU
+    # set by the engine: a sequence with a token of this step in flight has presence/frequency penalties
+    needs_history: bool = False
 
     @property
     def sampled_ids(self) -> torch.Tensor | None:

@@ -85,7 +85,6 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        scheduled_ids: set[int] = set()
         self._wait_left = self.adapter_wait_s
 
         # 1. running sequences, oldest first
@@ -106,7 +105,6 @@ class Scheduler:
                 continue  # seq preempted itself; running[i] is now the next one
             self.bm.append_slots(seq, n)
             out.scheduled.append(self._entry(seq, n))
-            scheduled_ids.add(seq.seq_id)
             budget -= n
             i += 1
 

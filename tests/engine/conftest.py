@@ -23,6 +23,31 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+def warm_adapters(engine, names) -> None:
+    """Load the named adapters into their slots with a one-token run. A load runs in the background, and on a
+    busy machine a sequence whose adapter is still loading is admitted a step later: tests that count steps or
+    compare two engines' batches load first, so admission does not depend on the machine's speed."""
+    from engine.sampling_params import SamplingParams
+
+    names = sorted({n for n in names if n is not None})
+    if names:
+        engine.generate([[1, 2]] * len(names), SamplingParams(temperature=0.0, max_tokens=1), adapters=names)
+
+
+def record_schedules(engine) -> list:
+    """Every SchedulerOutput the engine's scheduler hands out from now on, in order."""
+    outs = []
+    schedule = engine.scheduler.schedule
+
+    def recording():
+        out = schedule()
+        outs.append(out)
+        return out
+
+    engine.scheduler.schedule = recording
+    return outs
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 BASE_CFG = dict(

@@ -11,6 +11,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.sequence import PENDING
+from tests.engine.conftest import record_schedules, warm_adapters
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog and keeps running", "Hello", "1, 2, 3, 4, 5, 6,",
            "A long time ago in a galaxy far, far away there lived", "Once upon a time", "Q: what is 2+2? A:"]
@@ -26,13 +27,6 @@ def _engine(model_dir, adapters=None, async_steps=True, graphs=False, **kw) -> L
     if graphs:
         eng.runner.enable_cuda_graphs(8, eng.max_model_len, emulate=True, max_tokens=2048)
     return eng
-
-
-def _warm(eng, names):
-    """Load the adapters first, so admission (and so every batch) is the same in both engines."""
-    names = sorted({n for n in names if n is not None})
-    if names:
-        eng.generate([[1, 2]] * len(names), SamplingParams(temperature=0.0, max_tokens=1), adapters=names)
 
 
 def _params(stop_text: str, stop_token: int) -> list[SamplingParams]:
@@ -88,12 +82,10 @@ def test_async_steps_give_what_one_step_at_a_time_gives(tiny_llama_dir, tiny_ada
     runs = []
     for async_steps in (False, True):
         eng = _engine(tiny_llama_dir, tiny_adapters, async_steps=async_steps, **kw)
-        _warm(eng, names)
-        preempted = []
-        schedule = eng.scheduler.schedule
-        eng.scheduler.schedule = lambda: (out := schedule(), preempted.extend(out.preempted))[0]
+        warm_adapters(eng, names)  # admission, and so every batch, the same in both engines
+        steps = record_schedules(eng)
         runs.append(eng.generate(PROMPTS, params, adapters=names))
-        assert bool(preempted) == (setup == "chunked_preempting")
+        assert any(o.preempted for o in steps) == (setup == "chunked_preempting")
         assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
         assert all(s.refcount == 0 for s in eng.adapters.pool.slots)
         assert not eng.has_unfinished()
@@ -137,19 +129,11 @@ def test_a_sequence_that_stops_gets_one_dropped_step_and_length_ends_get_none(ti
     """A stop token is only known a step late, so one more step is computed for it (dropped); a sequence whose
     token in flight is its last by max_tokens is not scheduled again."""
     eng = _engine(tiny_llama_dir)
-    computed = []
-    schedule = eng.scheduler.schedule
-
-    def counting():
-        out = schedule()
-        computed.append(out.num_batched_tokens)
-        return out
-
-    eng.scheduler.schedule = counting
+    steps = record_schedules(eng)
     prompt = eng.tokenizer.encode(PROMPTS[0])
     eng.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
-    assert sum(computed) == len(prompt) + 5  # like one step at a time: the 6th token is never an input
-    computed.clear()
+    assert sum(o.num_batched_tokens for o in steps) == len(prompt) + 5  # like one step at a time: the 6th token is never an input
+    steps.clear()
     ref = _engine(tiny_llama_dir, async_steps=False).generate(
         [PROMPTS[3]], SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True))[0].token_ids
     tok = stops[1]
@@ -158,7 +142,7 @@ def test_a_sequence_that_stops_gets_one_dropped_step_and_length_ends_get_none(ti
     n_out = ref.index(tok) + 1
     assert out.token_ids == ref[:n_out]
     prompt_len = len(eng.tokenizer.encode(PROMPTS[3]))
-    assert sum(computed) == prompt_len + n_out  # one step more than needed, its token dropped
+    assert sum(o.num_batched_tokens for o in steps) == prompt_len + n_out  # one step more than needed, its token dropped
     assert eng.block_manager.num_free_blocks == 64
 
 

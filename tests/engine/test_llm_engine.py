@@ -10,6 +10,7 @@ from engine.config import EngineConfig
 from engine.errors import AdapterNotFound, CapacityError, RequestError
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
+from tests.engine.conftest import record_schedules
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPTS = ["The quick brown fox jumps over the lazy dog and keeps running", "Hello", "1, 2, 3, 4, 5, 6,",
@@ -137,15 +138,7 @@ def test_n_completions_and_logprobs(tiny_llama_dir):
 
 def test_n_completions_prefill_the_prompt_once(tiny_llama_dir, reference):
     eng = _engine(tiny_llama_dir)
-    computed = []
-    schedule = eng.scheduler.schedule
-
-    def counting():
-        out = schedule()
-        computed.append(out.num_batched_tokens)
-        return out
-
-    eng.scheduler.schedule = counting
+    steps = record_schedules(eng)
     prompt_len = len(eng.tokenizer.encode(PROMPTS[0]))
     p = SamplingParams(temperature=0.0, n=3, max_tokens=12, ignore_eos=True)
     out = eng.generate([PROMPTS[0]], p)[0]
@@ -153,7 +146,7 @@ def test_n_completions_prefill_the_prompt_once(tiny_llama_dir, reference):
     # siblings 1 and 2 found the prompt's full blocks cached: only its last partial block is computed again
     shared = (prompt_len - 1) // 4 * 4
     assert shared >= 8 and out.cached_tokens == shared
-    assert sum(computed) == prompt_len + 2 * (prompt_len - shared) + 3 * 11
+    assert sum(o.num_batched_tokens for o in steps) == prompt_len + 2 * (prompt_len - shared) + 3 * 11
     assert eng.block_manager.num_free_blocks == 64
 
 

@@ -12,7 +12,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from kernels import native_cpu
-from tests.engine.conftest import ADAPTER_SPECS, make_peft_adapter
+from tests.engine.conftest import ADAPTER_SPECS, make_peft_adapter, warm_adapters
 
 pytestmark = pytest.mark.skipif(not native_cpu.available(), reason="no C++ compiler on this machine")
 
@@ -30,11 +30,8 @@ def _engine(model_dir, adapters, native: bool, **kw) -> LLMEngine:
 
 
 def _warm(eng, names, counts):
-    """Load the adapters into their slots first: a load runs in the background, and on a busy machine a
-    sequence whose adapter is still loading is admitted a step later, which changes the batches and so the
-    step counts the tests assert. Then zero the counts."""
-    names = sorted({n for n in names if n is not None})
-    eng.generate([[1, 2]] * len(names), SamplingParams(temperature=0.0, max_tokens=1), adapters=names)
+    """Adapters loaded first (warm_adapters: the counts assume every sequence admitted at once), counts zeroed."""
+    warm_adapters(eng, names)
     for key in counts:
         counts[key] = 0
     return eng
