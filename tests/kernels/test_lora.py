@@ -434,3 +434,25 @@ def test_live_rows_masks_follow_meta_refreshed_in_place():
     lora_live_rows(x, [got], rows, scale, meta)
     _, want = loop_lora(x, y, a_list, b_list, rank, scale, new_slots)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_expand_uses_nothing_past_each_rank():
+    """The expand reads B's rank columns up to the rank rounded up to 8 (whole vectors), counting on the pool's zero
+    padding past it; h is read at the exact rank, so even a B and an h full of values past each slot's rank (ranks 1,
+    7, 13 and 5 in a pool of 16) give the delta of the true ranks."""
+    T, in_f, outs, ranks = 37, 40, [48, 16, 16], [1, 7, 13, 5]
+    a_list, b_list, rank, scale = make_pool(4, 16, in_f, outs, ranks, torch.float32, seed=11)
+    g = torch.Generator().manual_seed(12)
+    slots = slot_pattern("mixed", T, 4)
+    x, y = torch.randn(T, in_f, generator=g), torch.randn(T, sum(outs), generator=g)
+    h_want, y_want = loop_lora(x, y, a_list, b_list, rank, scale, slots)
+    h = h_want.float().clone()
+    dirty_b = [b.clone() for b in b_list]
+    for s, r in enumerate(ranks):
+        h[:, slots == s, r:] = 5.0  # garbage where the shrink writes nothing
+        for b in dirty_b:
+            b[s, :, r:] = torch.randn(b.shape[1], 16 - r, generator=g) * 10
+    meta = make_lora_meta(slots.to(DEVICE), num_slots=4)
+    got = y.to(DEVICE).clone()
+    lora_expand_triton(got, h.to(DEVICE), [b.to(DEVICE) for b in dirty_b], rank.to(DEVICE), scale.to(DEVICE), meta)
+    torch.testing.assert_close(got.cpu().double(), y_want, rtol=1e-4, atol=1e-4)

@@ -121,3 +121,21 @@ def test_bad_inputs_raise_and_write_nothing():
     with pytest.raises(ValueError, match="influence"):
         lora.lora_expand_silu_mul_triton(gu, h, bd, r, s, meta, influence=_on(torch.zeros(2, 4)))
     torch.testing.assert_close(gu.cpu(), gate_up, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("short_rows", [0, 64], ids=["tiles", "rows"])
+def test_nothing_past_each_rank_is_used(short_rows, monkeypatch):
+    """As the expand (test_lora.test_triton_expand_uses_nothing_past_each_rank): B's columns are read up to the rank
+    rounded up to 8, h at the exact rank, so values past each rank in both change nothing."""
+    monkeypatch.setitem(lora.TUNING, "silu_short_rows", short_rows)
+    x, gate_up, a, b, rank, scale, slots = _case(29, 40, [3, 7, 11], "mixed", seed=9)
+    clean, h, meta = _fused(x, gate_up, a, b, rank, scale, slots)
+    g = torch.Generator().manual_seed(10)
+    h_dirty, b_dirty = h.cpu().clone(), [t.clone() for t in b]
+    for s, r in enumerate(rank.tolist()):
+        h_dirty[:, slots == s, r:] = 5.0
+        for t in b_dirty:
+            t[s, :, r:] = torch.randn(t.shape[1], t.shape[2] - r, generator=g) * 10
+    dirty = lora.lora_expand_silu_mul_triton(_on(gate_up), _on(h_dirty), [_on(t) for t in b_dirty], _on(rank),
+                                             _on(scale), meta)
+    torch.testing.assert_close(dirty.cpu(), clean, rtol=0, atol=0)
