@@ -67,6 +67,17 @@ VARIANTS = {  # lora.TUNING settings swept (the first is the current default)
     "tall_w2": dict(expand_warps_tall=2),
     "shr_w2": dict(shrink_warps=2),
     "shr_w8": dict(shrink_warps=8),
+    # the shrink's work split at decode: fewer, longer K ranges per item, fewer programs
+    "shr_it128": dict(shrink_items=128),
+    "shr_it132_g1": dict(shrink_items=132, shrink_grid=1),
+    "shr_it528": dict(shrink_items=528),
+    "shr_g2": dict(shrink_grid=2),
+    "shr_g4": dict(shrink_grid=4),
+    # software pipelining (num_stages; None = Triton's default): a decode program has one or two items
+    "shr_s1": dict(shrink_stages=1),
+    "shr_s2": dict(shrink_stages=2),
+    "exp_s1": dict(expand_stages=1),
+    "exp_s2": dict(expand_stages=2),
 }
 
 
@@ -84,6 +95,16 @@ SILU_VARIANTS = {
     "bn256": dict(silu_block_n=256),
     "tall_bn128": dict(silu_block_n_tall=128),
     "tall_w8": dict(silu_warps_tall=8),
+    # tall (prefill) tiles done silu_sub_rows rows at a time (64: the whole tile, as before session 9)
+    "sub16": dict(silu_sub_rows=16),
+    "sub32": dict(silu_sub_rows=32),
+    "sub64": dict(silu_sub_rows=64),
+    "sub16_tall_bn64": dict(silu_sub_rows=16, silu_block_n_tall=64),
+    "sub32_tall_w8": dict(silu_sub_rows=32, silu_warps_tall=8),
+    "sub16_tall_w2": dict(silu_sub_rows=16, silu_warps_tall=2),
+    "sub16_tall_w8": dict(silu_sub_rows=16, silu_warps_tall=8),
+    "s1": dict(silu_stages=1),
+    "s2": dict(silu_stages=2),
 }
 
 

@@ -699,6 +699,31 @@ if HAVE_TRITON:
         s = _round_as(tl.math.div_rn(g, 1.0 + tl.exp(-g)), DTYPE, NATIVE)
         return _round_as(s * u, DTYPE, NATIVE)
 
+    @triton.jit
+    def _silu_tile_rows(gu_ptr, out_ptr, h_ptr, infl_ptr, tok, m_mask, offs_n, n_mask, offs_r, r_mask, bg, bu, scale,
+                        rank, T, INTER, MAX_RANK, stride_gu, PRECISION: tl.constexpr, INFLUENCE: tl.constexpr,
+                        NATIVE_ROUND: tl.constexpr):
+        """lora_expand_silu_mul's tile path for the rows `tok` (mask m_mask) of one column block: their gate and up
+        blocks, each delta a tile-high dot of h and the slot's B blocks (bg, bu: [R_PAD, BLOCK_N]), the influence
+        sums, the activation stored."""
+        dtype = out_ptr.dtype.element_ty
+        mn_mask = m_mask[:, None] & n_mask[None, :]
+        src = gu_ptr + tok[:, None] * stride_gu + offs_n[None, :]
+        g = tl.load(src, mask=mn_mask, other=0.0).to(tl.float32)
+        u = tl.load(src + INTER, mask=mn_mask, other=0.0).to(tl.float32)
+        h_off = tok[:, None] * MAX_RANK + offs_r[None, :]
+        h_mask = m_mask[:, None] & r_mask[None, :]
+        hg = tl.load(h_ptr + h_off, mask=h_mask, other=0.0).to(bg.dtype)  # [rows, R_PAD]
+        hu = tl.load(h_ptr + T * MAX_RANK + h_off, mask=h_mask, other=0.0).to(bg.dtype)
+        dg = scale * tl.dot(hg, bg, input_precision=PRECISION, out_dtype=tl.float32)
+        du = scale * tl.dot(hu, bu, input_precision=PRECISION, out_dtype=tl.float32)
+        if INFLUENCE:
+            live = m_mask & (tok * 0 + rank > 0)  # nothing for a token without a (nonzero-rank) adapter
+            tl.atomic_add(infl_ptr + tok, tl.sum(dg * dg + du * du, axis=1), mask=live, sem="relaxed")
+            tl.atomic_add(infl_ptr + T + tok, tl.sum(g * g + u * u, axis=1), mask=live, sem="relaxed")
+        act = _silu_mul_rounded(g + dg, u + du, dtype, NATIVE_ROUND)
+        tl.store(out_ptr + tok[:, None] * INTER + offs_n[None, :], act.to(dtype), mask=mn_mask)
+
     @triton.jit(do_not_specialize=["T", "MAX_TILES"])  # see the shrink kernel
     def _lora_expand_silu_mul_kernel(
         # pointers
@@ -731,6 +756,7 @@ if HAVE_TRITON:
         SHORT_ROWS: tl.constexpr,  # tiles of at most this many tokens are done row by row
         NATIVE_ROUND: tl.constexpr,  # round with the GPU's casts (compiled) instead of the bit form (interpreter)
         R_ALIGN: tl.constexpr = 1,  # see _rank_cols
+        SUB_M: tl.constexpr = 0,  # rows a LoRA tile is done in at a time (BLOCK_M, or a power of two below it)
     ):
         # The gate/up expand with the MLP's activation as its epilogue: the expand's read-modify-write of the
         # [T, 2I] projection output (the largest of a layer's LoRA traffic) and the activation's second read of
@@ -802,26 +828,25 @@ if HAVE_TRITON:
                     row_act = _silu_mul_rounded(row_g + row_dg, row_u + row_du, dtype, NATIVE_ROUND)
                     tl.store(out_ptr + tj * INTER + offs_n, row_act.to(dtype), mask=n_mask)
             else:
-                mn_mask = m_mask[:, None] & n_mask[None, :]
-                src = gu_ptr + tok[:, None] * stride_gu + offs_n[None, :]
-                g = tl.load(src, mask=mn_mask, other=0.0).to(tl.float32)
-                u = tl.load(src + INTER, mask=mn_mask, other=0.0).to(tl.float32)
                 b_off = (slot.to(tl.int64) * INTER + offs_n[None, :]) * MAX_RANK + offs_r[:, None]
                 b_mask = rb_mask[:, None] & n_mask[None, :]
                 bg = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0)  # [R_PAD, BLOCK_N]
                 bu = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0)
-                h_off = tok[:, None] * MAX_RANK + offs_r[None, :]
-                h_mask = m_mask[:, None] & r_mask[None, :]
-                hg = tl.load(h_ptr + h_off, mask=h_mask, other=0.0).to(bg.dtype)  # [BLOCK_M, R_PAD]
-                hu = tl.load(h_ptr + T * MAX_RANK + h_off, mask=h_mask, other=0.0).to(bg.dtype)
-                dg = scale * tl.dot(hg, bg, input_precision=PRECISION, out_dtype=tl.float32)
-                du = scale * tl.dot(hu, bu, input_precision=PRECISION, out_dtype=tl.float32)
-                if INFLUENCE:
-                    live = m_mask & (arange_m * 0 + rank > 0)  # nothing for a token without a (nonzero-rank) adapter
-                    tl.atomic_add(infl_ptr + tok, tl.sum(dg * dg + du * du, axis=1), mask=live, sem="relaxed")
-                    tl.atomic_add(infl_ptr + T + tok, tl.sum(g * g + u * u, axis=1), mask=live, sem="relaxed")
-                act = _silu_mul_rounded(g + dg, u + du, dtype, NATIVE_ROUND)
-                tl.store(out_ptr + tok[:, None] * INTER + offs_n[None, :], act.to(dtype), mask=mn_mask)
+                if SUB_M == BLOCK_M:
+                    _silu_tile_rows(gu_ptr, out_ptr, h_ptr, infl_ptr, tok, m_mask, offs_n, n_mask, offs_r, r_mask, bg,
+                                    bu, scale, rank, T, INTER, MAX_RANK, stride_gu, PRECISION, INFLUENCE, NATIVE_ROUND)
+                else:
+                    # Tall (prefill) tiles go SUB_M rows at a time under the item's B blocks: a whole 64 x 128 tile
+                    # of gate and up in float32 held every register (255 a thread, 8 warps an SM), and the
+                    # activation's float math then ran at a quarter of the issue rate.
+                    arange_s = tl.arange(0, SUB_M)
+                    for s0 in range(start, end, SUB_M):
+                        rows = s0 + arange_s
+                        s_mask = rows < end
+                        s_tok = tl.load(sorted_ids_ptr + rows, mask=s_mask, other=0).to(tl.int64)
+                        _silu_tile_rows(gu_ptr, out_ptr, h_ptr, infl_ptr, s_tok, s_mask, offs_n, n_mask, offs_r,
+                                        r_mask, bg, bu, scale, rank, T, INTER, MAX_RANK, stride_gu, PRECISION,
+                                        INFLUENCE, NATIVE_ROUND)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -851,10 +876,22 @@ def _require_triton() -> None:
 # (benchmarks/kernels_lora.py --silu --influence, RESULTS.md session 7): 4 rows beat 8 at 32 adapters x 256
 # tokens (88 vs 137 us) and match it elsewhere; 2 warps help the row path (256 adapters 235 vs 289 us) but cost
 # the tile path more (32 adapters 112 vs 88), so 4 warps stay; 128-column blocks for tall tiles (4,096 tokens: 345
-# vs 397 us).
+# vs 397 us). silu_sub_rows: a tall tile's rows are done this many at a time (session 9, call D: 16 rows 273 us at
+# 4,096 tokens against 345 for 32 and 343 for the whole 64; decode tiles are 16 rows, so unchanged).
+# *_stages: num_stages of each launch (None: Triton's default); 1 and 2 were swept in session 9 (call D) for all
+# three kernels and none beat the default beyond the run's noise, so they stay None.
 TUNING = dict(shrink_grid=8, expand_grid=8, shrink_items=264, block_k=128, block_n=128, shrink_warps=4,
               expand_warps=2, block_n_tall=64, expand_warps_tall=4, silu_block_n=128, silu_warps=4,
-              silu_block_n_tall=128, silu_warps_tall=4, silu_short_rows=4)
+              silu_block_n_tall=128, silu_warps_tall=4, silu_short_rows=4, silu_sub_rows=16,
+              shrink_stages=None, expand_stages=None, silu_stages=None)
+
+
+
+def _stages(key: str) -> dict:
+    """num_stages for a launch when TUNING sets one (None: Triton's default software pipelining of the loops)."""
+    n = TUNING.get(key)
+    return {} if n is None else {"num_stages": n}
+
 
 _TABLE_CACHE: dict[tuple, torch.Tensor] = {}
 _SM_COUNT: dict[str, int] = {}
@@ -951,7 +988,7 @@ def lora_shrink_triton(
         x.stride(0), lora_a[0].stride(0), lora_a[0].stride(1), k_per_split, split_k,
         N_SLICES=n, R_PAD=r_pad, BLOCK_C=block_c, BLOCK_M=meta.block_m, BLOCK_K=block_k,
         A_ALIGN=_align([a.data_ptr() for a in lora_a], 16), ATOMIC=split_k > 1, PRECISION=_precision(x.dtype),
-        num_warps=TUNING["shrink_warps"],
+        num_warps=TUNING["shrink_warps"], **_stages("shrink_stages"),
     )
     return h
 
@@ -1010,7 +1047,7 @@ def lora_expand_triton(
         Y_ALIGN=_align([b[2] * esize for b in blocks] + [y.data_ptr(), y.stride(0) * esize], 16) // esize,
         PRECISION=_precision(y.dtype), INFLUENCE=influence is not None,
         N_ALIGN=_align(list(outs) + [block_n], 16), R_ALIGN=_align([max_rank], 8),
-        num_warps=TUNING["expand_warps_tall" if tall else "expand_warps"],
+        num_warps=TUNING["expand_warps_tall" if tall else "expand_warps"], **_stages("expand_stages"),
     )
     return y
 
@@ -1059,7 +1096,8 @@ def lora_expand_silu_mul_triton(
         BLOCK_M=meta.block_m, BLOCK_N=block_n, R_PAD=max(16, _pow2(max_rank)),
         PRECISION=_precision(gate_up.dtype), INFLUENCE=influence is not None,
         SHORT_ROWS=TUNING["silu_short_rows"], NATIVE_ROUND=not _interpreting(), R_ALIGN=_align([max_rank], 8),
-        num_warps=TUNING["silu_warps_tall" if tall else "silu_warps"],
+        SUB_M=min(meta.block_m, TUNING["silu_sub_rows"]),
+        num_warps=TUNING["silu_warps_tall" if tall else "silu_warps"], **_stages("silu_stages"),
     )
     return out
 

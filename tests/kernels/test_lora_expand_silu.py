@@ -139,3 +139,28 @@ def test_nothing_past_each_rank_is_used(short_rows, monkeypatch):
     dirty = lora.lora_expand_silu_mul_triton(_on(gate_up), _on(h_dirty), [_on(t) for t in b_dirty], _on(rank),
                                              _on(scale), meta)
     torch.testing.assert_close(dirty.cpu(), clean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sub_rows", [16, 32])
+def test_tall_tiles_done_in_row_blocks_match_whole_tiles(sub_rows, monkeypatch):
+    """Prefill-sized (64-token) tiles go `silu_sub_rows` rows at a time under the item's B blocks: the same output and
+    influence as whole tiles, with ragged tile ends (segments of 70 and 45 tokens, and -1 tokens) and a rank-0 slot."""
+    monkeypatch.setitem(lora.TUNING, "silu_short_rows", 4)
+    T, inter = 150, 40
+    x, gate_up, a, b, rank, scale, _ = _case(T, inter, [16, 5, 0], "one", seed=21)
+    slots = torch.tensor([0] * 70 + [1] * 45 + [-1] * 20 + [2] * 15, dtype=torch.int32)[torch.randperm(T)]
+
+    def run(sub):
+        monkeypatch.setitem(lora.TUNING, "silu_sub_rows", sub)
+        meta = lora.make_lora_meta(_on(slots), num_slots=3, block_m=64)
+        h = lora.lora_shrink_triton(_on(x), [_on(t) for t in a], _on(rank), meta)
+        infl = _on(torch.zeros(2, T))
+        out = lora.lora_expand_silu_mul_triton(_on(gate_up), h, [_on(t) for t in b], _on(rank), _on(scale), meta,
+                                               influence=infl)
+        return out.cpu(), infl.cpu(), h, meta
+
+    whole, infl_whole, h, meta = run(64)
+    parts, infl_parts, _, _ = run(sub_rows)
+    torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(infl_parts, infl_whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts, _unfused(gate_up, h, b, rank, scale, meta), rtol=1e-5, atol=1e-5)
