@@ -41,12 +41,20 @@ DEV_KEYS = (
 
 
 def find_anvil() -> str:
-    """The anvil binary: $OPENLORA_ANVIL, else the repository's node_modules/.bin/anvil, else PATH."""
+    """The anvil binary: $OPENLORA_ANVIL, else the native binary npm installed for this platform, else the
+    repository's node_modules/.bin/anvil, else PATH.
+
+    The native binary comes before npm's `.bin/anvil`: that is a Node wrapper which, on SIGTERM, passes the
+    signal to anvil and exits at once, so waiting on it returned while anvil was still writing its state file
+    (seen as a missing state file in CI) and still holding its port."""
     env = os.environ.get("OPENLORA_ANVIL")
     if env:
         if not (Path(env).is_file() and os.access(env, os.X_OK)):
             raise AnvilError(f"OPENLORA_ANVIL={env} is not an executable file")
         return env
+    for native in sorted((REPO_ROOT / "node_modules" / "@foundry-rs").glob("anvil-*/bin/anvil")):
+        if native.is_file() and os.access(native, os.X_OK):
+            return str(native)
     local = REPO_ROOT / "node_modules" / ".bin" / "anvil"
     if local.exists():
         return str(local)

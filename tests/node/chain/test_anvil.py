@@ -16,6 +16,13 @@ def test_anvil_is_installed_by_the_project():
     assert find_anvil()
 
 
+def test_the_process_started_is_anvil_itself_not_the_npm_wrapper():
+    # npm's .bin/anvil is a Node script that exits on SIGTERM before anvil has written its state file; the
+    # process we signal and wait on must be anvil (the native binary from @foundry-rs/anvil-<platform>)
+    with open(find_anvil(), "rb") as f:
+        assert f.read(4) == b"\x7fELF"
+
+
 def test_start_answers_and_stop_ends_the_process():
     node = Anvil().start()
     proc = node.proc
