@@ -78,6 +78,11 @@ VARIANTS = {  # lora.TUNING settings swept (the first is the current default)
     "shr_s2": dict(shrink_stages=2),
     "exp_s1": dict(expand_stages=1),
     "exp_s2": dict(expand_stages=2),
+    # the expand's row path: tiles of at most expand_short_rows tokens go row by row (0: every tile a dot)
+    "exp_rows0": dict(expand_short_rows=0),
+    "exp_rows1": dict(expand_short_rows=1),
+    "exp_rows2": dict(expand_short_rows=2),
+    "exp_rows8": dict(expand_short_rows=8),
 }
 
 

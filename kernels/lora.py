@@ -574,6 +574,7 @@ if HAVE_TRITON:
         INFLUENCE: tl.constexpr = False,
         N_ALIGN: tl.constexpr = 1,  # a power of two dividing every slice width and BLOCK_N
         R_ALIGN: tl.constexpr = 1,  # a power of two dividing MAX_RANK (B's rank columns are read in runs of it)
+        SHORT_ROWS: tl.constexpr = 0,  # tiles of at most this many tokens are done row by row
     ):
         # Tiling. A work item is (live tile, column block): y[tile tokens, BLOCK_N columns of one slice]
         # += scale * h[slice, tokens, :rank] @ B[slot, columns, :rank].T, one dot with the whole rank as
@@ -602,7 +603,9 @@ if HAVE_TRITON:
             slot = slot_n
             rank = rank_n
             scale = scale_n
-            m_mask = start_n + arange_m < end_n
+            start = start_n
+            end = end_n
+            m_mask = start + arange_m < end
             tok = tok_n.to(tl.int64)
             blk = w % N_BLOCKS
             slice_id = tl.load(blk_ptr + blk)
@@ -624,19 +627,7 @@ if HAVE_TRITON:
             n_lim = tl.where(rank > 0, n_out // N_ALIGN * N_ALIGN, 0)  # rank 0: no y read-modify-write
             n_mask = offs_n < n_lim
             rb_mask = _rank_cols(offs_r, rank, R_ALIGN)
-            y_off = tok[:, None] * stride_yt + (ycol + arange_n)[None, :]
-            y_mask = m_mask[:, None] & n_mask[None, :]
-            y_old = tl.load(y_ptr + y_off, mask=y_mask, other=0.0)
-            bt = tl.load(
-                b_base + (slot.to(tl.int64) * n_out + offs_n[None, :]) * MAX_RANK + offs_r[:, None],
-                mask=rb_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )  # [R_PAD, BLOCK_N]: BLOCK_N x rank contiguous elements of B
-            ht = tl.load(
-                h_ptr + (slice_id * T + tok[:, None]) * MAX_RANK + offs_r[None, :],
-                mask=m_mask[:, None] & r_mask[None, :],
-                other=0.0,
-            ).to(bt.dtype)  # [BLOCK_M, R_PAD], h in the weights' dtype as the tensor cores want
+            b_row = b_base + (slot.to(tl.int64) * n_out + offs_n) * MAX_RANK  # [BLOCK_N] row starts of B
 
             # prefetch the next item (overlaps this item's loads)
             t_n = tl.minimum((w + n_prog) // N_BLOCKS, MAX_TILES - 1)
@@ -647,17 +638,50 @@ if HAVE_TRITON:
             scale_n = tl.load(scale_ptr + tl.maximum(slot_n, 0))
             tok_n = tl.load(sorted_ids_ptr + start_n + arange_m, mask=start_n + arange_m < end_n, other=0)
 
-            acc = tl.dot(ht, bt, input_precision=PRECISION, out_dtype=tl.float32)
-            y_base = y_old.to(tl.float32)
-            delta = scale * acc
-            if INFLUENCE:
-                # influence statistics from the tile already in registers: per token, |delta|^2 and |base y|^2
-                # over this block's columns (masked entries are 0), summed over blocks by atomics; this
-                # replaces a delta buffer, two row norms over [T, N] and an add per projection
-                tl.atomic_add(infl_ptr + tok, tl.sum(delta * delta, axis=1), mask=m_mask, sem="relaxed")
-                tl.atomic_add(infl_ptr + T + tok, tl.sum(y_base * y_base, axis=1), mask=m_mask, sem="relaxed")
-            tl.store(y_ptr + y_off, (y_base + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
-
+            if end - start <= SHORT_ROWS:
+                # A tile of a few tokens (many adapters at decode: one token a tile at 1000 adapters). The tile
+                # path would run its dot, layout shuffles and y traffic on BLOCK_M rows for each real one (ncu,
+                # 256 tokens over 256 adapters: 25% of DRAM bandwidth); a row instead takes its delta as a
+                # [BLOCK_N] reduction over the rank on CUDA cores, under the slot's B block loaded once.
+                row_b = tl.load(b_row[:, None] + offs_r[None, :], mask=n_mask[:, None] & rb_mask[None, :],
+                                other=0.0)  # [BLOCK_N, R_PAD]
+                b_dtype = row_b.dtype
+                row_b = row_b.to(tl.float32)
+                for j in range(start, end):
+                    tj = tl.load(sorted_ids_ptr + j).to(tl.int64)
+                    # h rounded to B's dtype, as the tile path's dot takes it
+                    row_h = tl.load(h_ptr + (slice_id * T + tj) * MAX_RANK + offs_r, mask=r_mask, other=0.0)
+                    row_d = scale * tl.sum(row_b * row_h.to(b_dtype).to(tl.float32)[None, :], axis=1)
+                    row_ptr = y_ptr + tj * stride_yt + ycol + arange_n
+                    row_y = tl.load(row_ptr, mask=n_mask, other=0.0).to(tl.float32)
+                    if INFLUENCE:
+                        tl.atomic_add(infl_ptr + tj, tl.sum(row_d * row_d, axis=0), sem="relaxed")
+                        tl.atomic_add(infl_ptr + T + tj, tl.sum(row_y * row_y, axis=0), sem="relaxed")
+                    tl.store(row_ptr, (row_y + row_d).to(y_ptr.dtype.element_ty), mask=n_mask)
+            else:
+                y_off = tok[:, None] * stride_yt + (ycol + arange_n)[None, :]
+                y_mask = m_mask[:, None] & n_mask[None, :]
+                y_old = tl.load(y_ptr + y_off, mask=y_mask, other=0.0)
+                bt = tl.load(
+                    b_row[None, :] + offs_r[:, None],
+                    mask=rb_mask[:, None] & n_mask[None, :],
+                    other=0.0,
+                )  # [R_PAD, BLOCK_N]: BLOCK_N x rank contiguous elements of B
+                ht = tl.load(
+                    h_ptr + (slice_id * T + tok[:, None]) * MAX_RANK + offs_r[None, :],
+                    mask=m_mask[:, None] & r_mask[None, :],
+                    other=0.0,
+                ).to(bt.dtype)  # [BLOCK_M, R_PAD], h in the weights' dtype as the tensor cores want
+                acc = tl.dot(ht, bt, input_precision=PRECISION, out_dtype=tl.float32)
+                y_base = y_old.to(tl.float32)
+                delta = scale * acc
+                if INFLUENCE:
+                    # influence statistics from the tile already in registers: per token, |delta|^2 and |base y|^2
+                    # over this block's columns (masked entries are 0), summed over blocks by atomics; this
+                    # replaces a delta buffer, two row norms over [T, N] and an add per projection
+                    tl.atomic_add(infl_ptr + tok, tl.sum(delta * delta, axis=1), mask=m_mask, sem="relaxed")
+                    tl.atomic_add(infl_ptr + T + tok, tl.sum(y_base * y_base, axis=1), mask=m_mask, sem="relaxed")
+                tl.store(y_ptr + y_off, (y_base + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 if HAVE_TRITON:
 
@@ -879,11 +903,13 @@ def _require_triton() -> None:
 # vs 397 us). silu_sub_rows: a tall tile's rows are done this many at a time (session 9, call D: 16 rows 273 us at
 # 4,096 tokens against 345 for 32 and 343 for the whole 64; decode tiles are 16 rows, so unchanged).
 # *_stages: num_stages of each launch (None: Triton's default); 1 and 2 were swept in session 9 (call D) for all
-# three kernels and none beat the default beyond the run's noise, so they stay None.
+# three kernels and none beat the default beyond the run's noise, so they stay None. expand_short_rows: the expand's
+# tiles of at most this many tokens go row by row (session 9, call H: 256 tokens over 256 adapters, q/k/v 110.8 vs
+# 119.1 us for tiles only, down 100.3 vs 104.4; 8 rows cost 32-adapter batches 29 -> 46 us).
 TUNING = dict(shrink_grid=8, expand_grid=8, shrink_items=264, block_k=128, block_n=128, shrink_warps=4,
               expand_warps=2, block_n_tall=64, expand_warps_tall=4, silu_block_n=128, silu_warps=4,
               silu_block_n_tall=128, silu_warps_tall=4, silu_short_rows=4, silu_sub_rows=16,
-              shrink_stages=None, expand_stages=None, silu_stages=None)
+              shrink_stages=None, expand_stages=None, silu_stages=None, expand_short_rows=4)
 
 
 
@@ -1047,6 +1073,7 @@ def lora_expand_triton(
         Y_ALIGN=_align([b[2] * esize for b in blocks] + [y.data_ptr(), y.stride(0) * esize], 16) // esize,
         PRECISION=_precision(y.dtype), INFLUENCE=influence is not None,
         N_ALIGN=_align(list(outs) + [block_n], 16), R_ALIGN=_align([max_rank], 8),
+        SHORT_ROWS=TUNING["expand_short_rows"],
         num_warps=TUNING["expand_warps_tall" if tall else "expand_warps"], **_stages("expand_stages"),
     )
     return y

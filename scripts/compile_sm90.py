@@ -41,9 +41,10 @@ SM90 = GPUTarget("cuda", 90, 32)
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
         torch.int64: "*i64", torch.int8: "*i8", torch.uint8: "*u8"}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
-# 2-byte global loads/stores a bf16 kernel may keep: the fused gate/up kernel's row path moves one element per
-# thread (a [BLOCK_N] row over 128 threads) on purpose; everything else must move whole vectors.
-SCALAR_LIMITS = {"_lora_expand_kernel": 0, "_lora_expand_silu_mul_kernel": 3}
+# 2-byte global loads/stores a bf16 kernel may keep: the row paths (tiles of a few tokens) of both expand kernels
+# move a [BLOCK_N] row of y over all the program's threads, one element a thread where BLOCK_N is at most the thread
+# count (3 accesses); the tile paths must move whole vectors (the unaligned expand had 96).
+SCALAR_LIMITS = {"_lora_expand_kernel": 3, "_lora_expand_silu_mul_kernel": 3}
 _SCALAR = re.compile(r"\b(?:ld|st)\.global(?:\.\w+)*\.b16\b")
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kernels import dispatch
+from kernels import lora as lora_mod
 from kernels.lora import (
     lora_expand_ref,
     lora_expand_triton,
@@ -456,3 +457,30 @@ def test_triton_expand_uses_nothing_past_each_rank():
     got = y.to(DEVICE).clone()
     lora_expand_triton(got, h.to(DEVICE), [b.to(DEVICE) for b in dirty_b], rank.to(DEVICE), scale.to(DEVICE), meta)
     torch.testing.assert_close(got.cpu().double(), y_want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("short_rows", [0, 4, 64], ids=["tiles", "mixed-paths", "rows"])
+@pytest.mark.parametrize("T,in_f,outs,ranks,kind", CASES)
+def test_triton_expand_row_and_tile_paths_match_per_token_loop(T, in_f, outs, ranks, kind, short_rows, monkeypatch):
+    """Tiles of at most TUNING["expand_short_rows"] tokens go row by row (the delta a reduction over the rank), the
+    others through a tile-high dot: each path on its own and side by side give the loop's y, and the same influence
+    sums as the tile path."""
+    monkeypatch.setitem(lora_mod.TUNING, "expand_short_rows", short_rows)
+    num_slots = len(ranks)
+    a_list, b_list, rank, scale = make_pool(num_slots, max(ranks), in_f, outs, ranks, torch.float32, seed=3)
+    slots = slot_pattern(kind, T, num_slots)
+    g = torch.Generator().manual_seed(4)
+    x, y0 = torch.randn(T, in_f, generator=g), torch.randn(T, sum(outs), generator=g)
+    h_want, y_want = loop_lora(x, y0, a_list, b_list, rank, scale, slots)
+    meta = make_lora_meta(slots.to(DEVICE))
+    h = h_want.float().to(DEVICE)
+    y = y0.to(DEVICE).clone()
+    infl = torch.zeros(2, T, device=DEVICE)
+    lora_expand_triton(y, h, [b.to(DEVICE) for b in b_list], rank.to(DEVICE), scale.to(DEVICE), meta, influence=infl)
+    torch.testing.assert_close(y.cpu().double(), y_want, rtol=1e-4, atol=1e-4)
+    monkeypatch.setitem(lora_mod.TUNING, "expand_short_rows", 0)
+    y_tiles, infl_tiles = y0.to(DEVICE).clone(), torch.zeros(2, T, device=DEVICE)
+    lora_expand_triton(y_tiles, h, [b.to(DEVICE) for b in b_list], rank.to(DEVICE), scale.to(DEVICE), meta,
+                       influence=infl_tiles)
+    torch.testing.assert_close(y, y_tiles, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(infl, infl_tiles, rtol=1e-5, atol=1e-5)

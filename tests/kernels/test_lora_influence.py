@@ -42,7 +42,9 @@ def _case(T: int, ranks: list[int], outs: list[int], seed: int):
 
 @pytest.mark.parametrize("T,ranks,outs", [(1, [7], [24]), (3, [1, 16], [40, 24, 24]),
                                           (37, [7, 16, 0, 3], [40, 24, 24]), (129, [16, 5], [64, 64])])
-def test_fused_influence_matches_norms_of_an_explicit_delta(T, ranks, outs):
+@pytest.mark.parametrize("short_rows", [0, 64], ids=["tiles", "rows"])
+def test_fused_influence_matches_norms_of_an_explicit_delta(T, ranks, outs, short_rows, monkeypatch):
+    monkeypatch.setitem(lora.TUNING, "expand_short_rows", short_rows)  # both the tile and the row path
     y, h, b, rank, scale, meta, slots = _case(T, ranks, outs, seed=T)
     plain = _expand(y.clone(), h, b, rank, scale, meta)
     infl = torch.zeros(2, T)
