@@ -49,8 +49,8 @@ VARIANTS = {  # lora.TUNING settings swept (the first is the current default)
     "default": {},
     "g4": dict(shrink_grid=4, expand_grid=4),
     "g16": dict(shrink_grid=16, expand_grid=16),
-    "bn256": dict(block_n=256),
-    "bn64_it528": dict(shrink_items=528, block_n=64),
+    "bn256": dict(block_n=256, block_n_r16=None),
+    "bn64_it528": dict(shrink_items=528, block_n=64, block_n_r16=None),
     # the expand's settings for tall (prefill) tiles and its warps at decode
     "tall_bn256": dict(block_n_tall=256),
     "tall_bn64": dict(block_n_tall=64),
@@ -61,8 +61,9 @@ VARIANTS = {  # lora.TUNING settings swept (the first is the current default)
     "dec_w4": dict(expand_warps=4),
     "dec_w8": dict(expand_warps=8),
     "dec_w1": dict(expand_warps=1),
-    "dec_bn64": dict(block_n=64),
-    "dec_bn256": dict(block_n=256),
+    "dec_bn64": dict(block_n=64, block_n_r16=None),
+    "dec_bn256": dict(block_n=256, block_n_r16=None),
+    "dec_bn128_r16": dict(block_n_r16=None),  # ranks <= 16 at decode take block_n (128), as before session 9
     "tall_bn32": dict(block_n_tall=32),
     "tall_w2": dict(expand_warps_tall=2),
     "shr_w2": dict(shrink_warps=2),

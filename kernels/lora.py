@@ -905,11 +905,14 @@ def _require_triton() -> None:
 # *_stages: num_stages of each launch (None: Triton's default); 1 and 2 were swept in session 9 (call D) for all
 # three kernels and none beat the default beyond the run's noise, so they stay None. expand_short_rows: the expand's
 # tiles of at most this many tokens go row by row (session 9, call H: 256 tokens over 256 adapters, q/k/v 110.8 vs
-# 119.1 us for tiles only, down 100.3 vs 104.4; 8 rows cost 32-adapter batches 29 -> 46 us).
+# 119.1 us for tiles only, down 100.3 vs 104.4; 8 rows cost 32-adapter batches 29 -> 46 us). block_n_r16: the
+# expand's decode block_n when the pool's max rank is <= 16 (None: block_n); session 9, call I, 256 tokens over 256
+# adapters: 256 columns q/k/v 95.6 vs 110.1 us, down 89.7 vs 100.2, but at max rank 64 309 vs 186, hence rank-bound.
 TUNING = dict(shrink_grid=8, expand_grid=8, shrink_items=264, block_k=128, block_n=128, shrink_warps=4,
               expand_warps=2, block_n_tall=64, expand_warps_tall=4, silu_block_n=128, silu_warps=4,
               silu_block_n_tall=128, silu_warps_tall=4, silu_short_rows=4, silu_sub_rows=16,
-              shrink_stages=None, expand_stages=None, silu_stages=None, expand_short_rows=4)
+              shrink_stages=None, expand_stages=None, silu_stages=None, expand_short_rows=4,
+              block_n_r16=256)
 
 
 
@@ -1053,7 +1056,13 @@ def lora_expand_triton(
     for o in outs[:-1]:
         cols.append(cols[-1] + o)
     tall = meta.block_m >= 64
-    block_n = block_n or TUNING["block_n_tall" if tall else "block_n"]
+    if not block_n:
+        block_n = TUNING["block_n_tall"] if tall else TUNING["block_n"]
+        if not tall and max_rank <= 16 and TUNING["block_n_r16"]:
+            # decode with ranks <= 16: a B block of 256 x 16 holds as many registers as the 128 x 32 one of larger
+            # pools, and halves the items per token (one token a tile at 1000 adapters, where each item is mostly
+            # fixed cost)
+            block_n = TUNING["block_n_r16"]
     # one int64 table of 5 rows per column block: slice, first column in the slice, first column in y,
     # slice width, lora_b base address (cached by value: one per layer/module after the warm-up)
     blocks = [(i, n0, cols[i] + n0, o, lora_b[i].data_ptr()) for i, o in enumerate(outs) for n0 in range(0, o, block_n)]
