@@ -74,11 +74,6 @@ VARIANTS = {  # lora.TUNING settings swept (the first is the current default)
     "shr_it528": dict(shrink_items=528),
     "shr_g2": dict(shrink_grid=2),
     "shr_g4": dict(shrink_grid=4),
-    # software pipelining (num_stages; None = Triton's default): a decode program has one or two items
-    "shr_s1": dict(shrink_stages=1),
-    "shr_s2": dict(shrink_stages=2),
-    "exp_s1": dict(expand_stages=1),
-    "exp_s2": dict(expand_stages=2),
     # the expand's row path: tiles of at most expand_short_rows tokens go row by row (0: every tile a dot)
     "exp_rows0": dict(expand_short_rows=0),
     "exp_rows1": dict(expand_short_rows=1),
@@ -109,8 +104,6 @@ SILU_VARIANTS = {
     "sub32_tall_w8": dict(silu_sub_rows=32, silu_warps_tall=8),
     "sub16_tall_w2": dict(silu_sub_rows=16, silu_warps_tall=2),
     "sub16_tall_w8": dict(silu_sub_rows=16, silu_warps_tall=8),
-    "s1": dict(silu_stages=1),
-    "s2": dict(silu_stages=2),
 }
 
 

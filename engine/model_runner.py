@@ -20,11 +20,10 @@ import torch
 
 from engine.context import Context, reset_context, set_context
 from engine.cuda_graph import StepGraphs
-from engine.layers.sampler import SampleResult, Sampler
+from engine.layers.sampler import SampleLaunch, SampleResult, Sampler
 from engine.lora_workspace import begin_step, end_step, lora_sizes
 from engine.models.llama import LlamaForCausalLM
 from engine.scheduler import SchedulerOutput
-from engine.layers.sampler import SampleLaunch
 from engine.step_inputs import StepInputs, copy_pending, int64_tensor, padded_tables, to_device, to_host
 from kernels import dispatch
 

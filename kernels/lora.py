@@ -779,8 +779,8 @@ if HAVE_TRITON:
         INFLUENCE: tl.constexpr,
         SHORT_ROWS: tl.constexpr,  # tiles of at most this many tokens are done row by row
         NATIVE_ROUND: tl.constexpr,  # round with the GPU's casts (compiled) instead of the bit form (interpreter)
-        R_ALIGN: tl.constexpr = 1,  # see _rank_cols
-        SUB_M: tl.constexpr = 0,  # rows a LoRA tile is done in at a time (BLOCK_M, or a power of two below it)
+        R_ALIGN: tl.constexpr,  # see _rank_cols
+        SUB_M: tl.constexpr,  # rows a LoRA tile is done in at a time (BLOCK_M, or a power of two below it)
     ):
         # The gate/up expand with the MLP's activation as its epilogue: the expand's read-modify-write of the
         # [T, 2I] projection output (the largest of a layer's LoRA traffic) and the activation's second read of
@@ -902,25 +902,16 @@ def _require_triton() -> None:
 # the tile path more (32 adapters 112 vs 88), so 4 warps stay; 128-column blocks for tall tiles (4,096 tokens: 345
 # vs 397 us). silu_sub_rows: a tall tile's rows are done this many at a time (session 9, call D: 16 rows 273 us at
 # 4,096 tokens against 345 for 32 and 343 for the whole 64; decode tiles are 16 rows, so unchanged).
-# *_stages: num_stages of each launch (None: Triton's default); 1 and 2 were swept in session 9 (call D) for all
-# three kernels and none beat the default beyond the run's noise, so they stay None. expand_short_rows: the expand's
+# (num_stages 1 and 2 were swept for all three kernels in session 9, call D: none beat Triton's default beyond the
+# run's noise, so launches leave it to Triton.) expand_short_rows: the expand's
 # tiles of at most this many tokens go row by row (session 9, call H: 256 tokens over 256 adapters, q/k/v 110.8 vs
 # 119.1 us for tiles only, down 100.3 vs 104.4; 8 rows cost 32-adapter batches 29 -> 46 us). block_n_r16: the
 # expand's decode block_n when the pool's max rank is <= 16 (None: block_n); session 9, call I, 256 tokens over 256
 # adapters: 256 columns q/k/v 95.6 vs 110.1 us, down 89.7 vs 100.2, but at max rank 64 309 vs 186, hence rank-bound.
 TUNING = dict(shrink_grid=8, expand_grid=8, shrink_items=264, block_k=128, block_n=128, shrink_warps=4,
               expand_warps=2, block_n_tall=64, expand_warps_tall=4, silu_block_n=128, silu_warps=4,
-              silu_block_n_tall=128, silu_warps_tall=4, silu_short_rows=4, silu_sub_rows=16,
-              shrink_stages=None, expand_stages=None, silu_stages=None, expand_short_rows=4,
+              silu_block_n_tall=128, silu_warps_tall=4, silu_short_rows=4, silu_sub_rows=16, expand_short_rows=4,
               block_n_r16=256)
-
-
-
-def _stages(key: str) -> dict:
-    """num_stages for a launch when TUNING sets one (None: Triton's default software pipelining of the loops)."""
-    n = TUNING.get(key)
-    return {} if n is None else {"num_stages": n}
-
 
 _TABLE_CACHE: dict[tuple, torch.Tensor] = {}
 _SM_COUNT: dict[str, int] = {}
@@ -1017,7 +1008,7 @@ def lora_shrink_triton(
         x.stride(0), lora_a[0].stride(0), lora_a[0].stride(1), k_per_split, split_k,
         N_SLICES=n, R_PAD=r_pad, BLOCK_C=block_c, BLOCK_M=meta.block_m, BLOCK_K=block_k,
         A_ALIGN=_align([a.data_ptr() for a in lora_a], 16), ATOMIC=split_k > 1, PRECISION=_precision(x.dtype),
-        num_warps=TUNING["shrink_warps"], **_stages("shrink_stages"),
+        num_warps=TUNING["shrink_warps"],
     )
     return h
 
@@ -1083,7 +1074,7 @@ def lora_expand_triton(
         PRECISION=_precision(y.dtype), INFLUENCE=influence is not None,
         N_ALIGN=_align(list(outs) + [block_n], 16), R_ALIGN=_align([max_rank], 8),
         SHORT_ROWS=TUNING["expand_short_rows"],
-        num_warps=TUNING["expand_warps_tall" if tall else "expand_warps"], **_stages("expand_stages"),
+        num_warps=TUNING["expand_warps_tall" if tall else "expand_warps"],
     )
     return y
 
@@ -1133,7 +1124,7 @@ def lora_expand_silu_mul_triton(
         PRECISION=_precision(gate_up.dtype), INFLUENCE=influence is not None,
         SHORT_ROWS=TUNING["silu_short_rows"], NATIVE_ROUND=not _interpreting(), R_ALIGN=_align([max_rank], 8),
         SUB_M=min(meta.block_m, TUNING["silu_sub_rows"]),
-        num_warps=TUNING["silu_warps_tall" if tall else "silu_warps"], **_stages("silu_stages"),
+        num_warps=TUNING["silu_warps_tall" if tall else "silu_warps"],
     )
     return out
 

@@ -148,7 +148,8 @@ def test_tall_tiles_done_in_row_blocks_match_whole_tiles(sub_rows, monkeypatch):
     monkeypatch.setitem(lora.TUNING, "silu_short_rows", 4)
     T, inter = 150, 40
     x, gate_up, a, b, rank, scale, _ = _case(T, inter, [16, 5, 0], "one", seed=21)
-    slots = torch.tensor([0] * 70 + [1] * 45 + [-1] * 20 + [2] * 15, dtype=torch.int32)[torch.randperm(T)]
+    order = torch.randperm(T, generator=torch.Generator().manual_seed(22))
+    slots = torch.tensor([0] * 70 + [1] * 45 + [-1] * 20 + [2] * 15, dtype=torch.int32)[order]
 
     def run(sub):
         monkeypatch.setitem(lora.TUNING, "silu_sub_rows", sub)
