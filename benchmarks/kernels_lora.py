@@ -74,6 +74,15 @@ VARIANTS = {  # lora.TUNING settings swept (the first is the current default)
     "shr_it528": dict(shrink_items=528),
     "shr_g2": dict(shrink_grid=2),
     "shr_g4": dict(shrink_grid=4),
+    # persistent grids: fit to the programs resident at once (the default) or not; register caps for occupancy
+    "nofit": dict(fit_grid=False),
+    "eg6": dict(expand_grid=6),
+    "eg12": dict(expand_grid=12),
+    "emr96": dict(expand_maxnreg=96),
+    "emr128": dict(expand_maxnreg=128),
+    "smr96": dict(shrink_maxnreg=96),
+    "smr64": dict(shrink_maxnreg=64),
+    "emr96_smr96": dict(expand_maxnreg=96, shrink_maxnreg=96),
     # the expand's row path: tiles of at most expand_short_rows tokens go row by row (0: every tile a dot)
     "exp_rows0": dict(expand_short_rows=0),
     "exp_rows1": dict(expand_short_rows=1),
@@ -104,6 +113,13 @@ SILU_VARIANTS = {
     "sub32_tall_w8": dict(silu_sub_rows=32, silu_warps_tall=8),
     "sub16_tall_w2": dict(silu_sub_rows=16, silu_warps_tall=2),
     "sub16_tall_w8": dict(silu_sub_rows=16, silu_warps_tall=8),
+    "nofit": dict(fit_grid=False),
+    "mr_none": dict(silu_maxnreg=None),
+    "mr64": dict(silu_maxnreg=64),
+    "mr80": dict(silu_maxnreg=80),
+    "mr96": dict(silu_maxnreg=96),
+    "mr112": dict(silu_maxnreg=112),
+    "mr128": dict(silu_maxnreg=128),
 }
 
 
@@ -175,8 +191,11 @@ def main():
             del a, b
     lora.TUNING.clear()
     lora.TUNING.update(base_tuning)
+    # programs an SM holds of each launch (what fit_grid sizes the grids to)
+    resident = [dict(kernel=k[0], dtype=str(k[1]), consts=dict(k[2]), warps=k[3], maxnreg=k[4], per_sm=v)
+                for k, v in lora._RESIDENT.items()]
     res = dict(device=torch.cuda.get_device_name(), copy_bw_tb_s=bw / 1e12, variants=variants, rows=rows,
-               influence=args.influence, silu=args.silu)
+               influence=args.influence, silu=args.silu, resident=resident)
     Path(args.json).write_text(json.dumps(res, indent=1))
     what = "gate/up shrink + expand + activation" if args.silu else "LoRA shrink+expand"
     print(f"{what} us (graph replay), copy bw {bw / 1e12:.2f} TB/s; variants {variants}")
@@ -184,6 +203,9 @@ def main():
     for r in rows:
         print(f"{r['shape']:>7} {r['T']:>5} {r['adapters']:>5} {r['rank']:>5} {r['floor_us']:>7.1f} "
               + " ".join(f"{r[v]:>10.1f}" for v in variants))
+    for r in resident:
+        print(f"resident {r['kernel']:>6} warps {r['warps']} maxnreg {r['maxnreg']}: {r['per_sm']} an SM "
+              f"(BLOCK_M {r['consts'].get('BLOCK_M')}, BLOCK_N {r['consts'].get('BLOCK_N')})")
 
 
 if __name__ == "__main__":

@@ -286,6 +286,46 @@ def test_triton_persistent_loop_covers_every_item(monkeypatch, grid_programs, dr
     assert torch.equal(y.cpu()[~has], y0[~has])
 
 
+@pytest.mark.parametrize("n_regs,shared,warps,want", [
+    (150, 9216, 2, 6),  # ncu, session 9 call G (H100): the expand at 256 x 256, "Block Limit Registers 6"
+    (128, 40960, 4, 4),  # the shrink there: 4
+    (32, 0, 4, 16),  # a small elementwise kernel: held by the SM's 2048 threads, not its registers
+    (40, 120_000, 4, 1),  # shared memory bound
+])
+def test_resident_programs_follow_registers_and_shared_memory(n_regs, shared, warps, want):
+    from kernels import lora
+
+    assert lora._resident_per_sm(n_regs, shared, warps, (65536, 233472, 2048)) == want
+
+
+def test_persistent_grid_is_held_to_one_wave(monkeypatch):
+    """The first launch of a kernel learns how many of its programs an SM holds; later launches of it size the
+    grid to that (never above TUNING's cap or the item count), so no partial second wave is launched."""
+    from types import SimpleNamespace
+
+    from kernels import lora
+
+    grids = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                grids.append(grid[0])
+                return SimpleNamespace(n_regs=150, metadata=SimpleNamespace(shared=9216))
+            return run
+
+    monkeypatch.setattr(lora, "_num_sms", lambda device: 10)
+    monkeypatch.setattr(lora, "_sm_limits", lambda device: (65536, 233472, 2048))
+    monkeypatch.setattr(lora, "_RESIDENT", {})
+    key = lora._launch_key("expand", torch.bfloat16, dict(BLOCK_N=256), 2, None)
+    for items in (10_000, 10_000, 45):
+        lora._persistent_launch(Kernel(), key, items, 8, "cuda", (), {}, 2, None)
+    assert grids == [80, 60, 45]
+    monkeypatch.setitem(lora.TUNING, "fit_grid", False)
+    lora._persistent_launch(Kernel(), key, 10_000, 8, "cuda", (), {}, 2, None)
+    assert grids[-1] == 80
+
+
 @pytest.mark.parametrize("T", [70, 300])
 def test_triton_tall_tiles_match_loop(T):
     """block_m 64 (the prefill tile) with long segments, ragged slices and the automatic split-K."""
