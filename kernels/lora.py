@@ -534,6 +534,23 @@ if HAVE_TRITON:
                 tl.store(h_ptr + h_off, acc, mask=h_mask)
 
     @triton.jit
+    def _influence_row(infl_ptr, T, tj, d2, y2, ok):
+        """Add a row's sums of d2 and y2 ([BLOCK_N] each) to the token's influence statistics, both in one reduction:
+        each sum across the program's warps is a round through shared memory behind a barrier, and the two
+        statistics share one round instead of taking one each."""
+        both = tl.sum(tl.join(d2, y2), axis=0)  # [2]
+        which = tl.arange(0, 2)
+        tl.atomic_add(infl_ptr + which * T + tj, both, mask=which < tl.where(ok, 2, 0), sem="relaxed")
+
+    @triton.jit
+    def _influence_tile(infl_ptr, T, tok, d2, y2, ok):
+        """_influence_row for the rows `tok` of a tile (d2, y2: [rows, BLOCK_N]; ok: [rows])."""
+        both = tl.sum(tl.join(d2, y2), axis=1)  # [rows, 2]
+        which = tl.arange(0, 2)
+        tl.atomic_add(infl_ptr + which[None, :] * T + tok[:, None], both, mask=ok[:, None] & (which < 2)[None, :],
+                      sem="relaxed")
+
+    @triton.jit
     def _rank_cols(offs_r, rank, R_ALIGN: tl.constexpr):
         """Mask of the rank columns of B to read: up to the rank rounded up to R_ALIGN (a power of two dividing
         MAX_RANK). The pool zero-pads B past each slot's rank, and h is read with the exact rank, so the extra
@@ -657,8 +674,7 @@ if HAVE_TRITON:
                     row_h = tl.load(h_ptr + (slice_id * T + tj) * MAX_RANK + offs_r, mask=r_mask, other=0.0)
                     row_d = scale * tl.sum(row_b * row_h.to(b_dtype).to(tl.float32)[None, :], axis=1)
                     if INFLUENCE:
-                        tl.atomic_add(infl_ptr + tj, tl.sum(row_d * row_d, axis=0), sem="relaxed")
-                        tl.atomic_add(infl_ptr + T + tj, tl.sum(row_y * row_y, axis=0), sem="relaxed")
+                        _influence_row(infl_ptr, T, tj, row_d * row_d, row_y * row_y, True)
                     tl.store(row_ptr, (row_y + row_d).to(y_ptr.dtype.element_ty), mask=n_mask)
             else:
                 y_off = tok[:, None] * stride_yt + (ycol + arange_n)[None, :]
@@ -681,8 +697,7 @@ if HAVE_TRITON:
                     # influence statistics from the tile already in registers: per token, |delta|^2 and |base y|^2
                     # over this block's columns (masked entries are 0), summed over blocks by atomics; this
                     # replaces a delta buffer, two row norms over [T, N] and an add per projection
-                    tl.atomic_add(infl_ptr + tok, tl.sum(delta * delta, axis=1), mask=m_mask, sem="relaxed")
-                    tl.atomic_add(infl_ptr + T + tok, tl.sum(y_base * y_base, axis=1), mask=m_mask, sem="relaxed")
+                    _influence_tile(infl_ptr, T, tok, delta * delta, y_base * y_base, m_mask)
                 tl.store(y_ptr + y_off, (y_base + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 if HAVE_TRITON:
@@ -745,8 +760,7 @@ if HAVE_TRITON:
         du = scale * tl.dot(hu, bu, input_precision=PRECISION, out_dtype=tl.float32)
         if INFLUENCE:
             live = m_mask & (tok * 0 + rank > 0)  # nothing for a token without a (nonzero-rank) adapter
-            tl.atomic_add(infl_ptr + tok, tl.sum(dg * dg + du * du, axis=1), mask=live, sem="relaxed")
-            tl.atomic_add(infl_ptr + T + tok, tl.sum(g * g + u * u, axis=1), mask=live, sem="relaxed")
+            _influence_tile(infl_ptr, T, tok, dg * dg + du * du, g * g + u * u, live)
         act = _silu_mul_rounded(g + dg, u + du, dtype, NATIVE_ROUND)
         tl.store(out_ptr + tok[:, None] * INTER + offs_n[None, :], act.to(dtype), mask=mn_mask)
 
@@ -847,10 +861,8 @@ if HAVE_TRITON:
                     row_dg = scale * tl.sum(row_bg * row_hg.to(tl.float32)[None, :], axis=1)
                     row_du = scale * tl.sum(row_bu * row_hu.to(tl.float32)[None, :], axis=1)
                     if INFLUENCE:
-                        row_d2 = tl.sum(row_dg * row_dg + row_du * row_du, axis=0)
-                        row_y2 = tl.sum(row_g * row_g + row_u * row_u, axis=0)
-                        tl.atomic_add(infl_ptr + tj, row_d2, mask=rank > 0, sem="relaxed")
-                        tl.atomic_add(infl_ptr + T + tj, row_y2, mask=rank > 0, sem="relaxed")
+                        _influence_row(infl_ptr, T, tj, row_dg * row_dg + row_du * row_du,
+                                       row_g * row_g + row_u * row_u, rank > 0)
                     row_act = _silu_mul_rounded(row_g + row_dg, row_u + row_du, dtype, NATIVE_ROUND)
                     tl.store(out_ptr + tj * INTER + offs_n, row_act.to(dtype), mask=n_mask)
             else:
