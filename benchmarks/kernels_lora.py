@@ -64,6 +64,8 @@ VARIANTS = {  # lora.TUNING settings swept (the first is the current default)
     "dec_bn64": dict(block_n=64, block_n_r16=None),
     "dec_bn256": dict(block_n=256, block_n_r16=None),
     "dec_bn128_r16": dict(block_n_r16=None),  # ranks <= 16 at decode take block_n (128), as before session 9
+    "dec_bn512_r16": dict(block_n_r16=512),
+    "dec_w4_bn512_r16": dict(block_n_r16=512, expand_warps=4),
     "tall_bn32": dict(block_n_tall=32),
     "tall_w2": dict(expand_warps_tall=2),
     "shr_w2": dict(shrink_warps=2),
