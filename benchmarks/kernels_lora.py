@@ -57,7 +57,6 @@ VARIANTS = {  # lora.TUNING settings swept (the first is the current default)
     "tall_bn128": dict(block_n_tall=128),
     "tall_w8": dict(expand_warps_tall=8),
     "tall_bn256_w8": dict(block_n_tall=256, expand_warps_tall=8),
-    "dec_w2": dict(expand_warps=2),
     "dec_w4": dict(expand_warps=4),
     "dec_w8": dict(expand_warps=8),
     "dec_w1": dict(expand_warps=1),

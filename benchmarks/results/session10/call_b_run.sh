@@ -1,4 +1,5 @@
 #!/bin/bash
+# .devcarry/ncu_drive.py below is benchmarks/results/session9/call_a_ncu_drive.py, unchanged
 # session 10 call B: where the expand's time goes at 256 tokens over 256 adapters (ncu per-instruction stalls),
 # and what the influence statistics cost (kernel level, on and off)
 R=$(pwd)

@@ -1,4 +1,5 @@
 #!/bin/bash
+# .devcarry/ncu_drive.py below is benchmarks/results/session9/call_a_ncu_drive.py, unchanged
 # session 10 call C: the expand software-pipelined (snap) vs fitted grids (prev, = call A snap)
 R=$(pwd)
 export PYTHONPATH=.
